@@ -1,0 +1,2 @@
+"""mip-dist: distributed training of MIP for visible-infrared person re-identification."""
+__version__ = "0.1.0"

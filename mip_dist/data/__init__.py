@@ -1,0 +1,1 @@
+"""Dataset layouts, synthetic generator, shard writing and streaming PK batches."""

@@ -1,0 +1,1 @@
+"""Distributed init, the DeepSpeed trainer and the evaluator."""

@@ -1,0 +1,1 @@
+"""VI-ReID evaluation protocols and vectorised ranking metrics."""
