@@ -1,0 +1,120 @@
+"""Process-group setup for any launcher (python, deepspeed, accelerate/torchrun) and small collectives."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job and which device/backend it uses."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes logs, TensorBoard and exported models."""
+        return self.rank == 0
+
+
+def free_port() -> int:
+    """An unused TCP port on this host (for single-process runs and tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(preference: str, local_rank: int) -> torch.device:
+    """cfg.train.device -> torch.device; "auto" means this rank's GPU if CUDA is present, else CPU."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device: 'cuda' requested but CUDA is not available")
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    return torch.device("cpu")
+
+
+def launcher_env(local_rank_arg: int = -1) -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* as set by the launcher, with single-process defaults filled in."""
+    env = {k: os.environ[k] for k in _LAUNCH_VARS if k in os.environ}
+    if "LOCAL_RANK" not in env and local_rank_arg >= 0:
+        env["LOCAL_RANK"] = str(local_rank_arg)
+    if "RANK" not in env and "WORLD_SIZE" not in env:  # plain `python launch/train.py`
+        env.setdefault("RANK", "0")
+        env.setdefault("WORLD_SIZE", "1")
+        env.setdefault("LOCAL_RANK", "0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    missing = [k for k in _LAUNCH_VARS if k not in env]
+    if missing:
+        raise RuntimeError(f"launcher left {', '.join(missing)} unset; start with python, deepspeed or accelerate launch")
+    return env
+
+
+def init_distributed(device_preference: str = "auto", local_rank_arg: int = -1) -> DistEnv:
+    """Start the process group through DeepSpeed: nccl on GPUs, gloo on CPUs."""
+    import deepspeed
+
+    env = launcher_env(local_rank_arg)
+    os.environ.update(env)
+    rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    device = resolve_device(device_preference, local)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    log.info("rank %d/%d (local %d) on %s, backend %s, master %s:%s",
+             rank, world, local, device, backend, env["MASTER_ADDR"], env["MASTER_PORT"])
+    return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op outside a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s Python object on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's object, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (no-op outside a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def shutdown() -> None:
+    """Destroy the process group so the process exits cleanly."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,107 @@
+"""The DeepSpeed config dict: built from cfg.train/optim/data, or read from a JSON checked against them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mip_dist.config import Config, ConfigError
+
+# ZeRO settings with concrete values (DeepSpeed rejects "auto" outside the HF integration).
+_ZERO_DEFAULTS: dict[int, dict[str, Any]] = {
+    0: {"stage": 0},
+    1: {"stage": 1, "reduce_bucket_size": 50_000_000},
+    2: {"stage": 2, "contiguous_gradients": True, "overlap_comm": False, "reduce_scatter": True,
+        "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
+    3: {"stage": 3, "contiguous_gradients": True, "overlap_comm": False, "reduce_bucket_size": 50_000_000,
+        "stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
+        "stage3_gather_16bit_weights_on_model_save": False},
+}
+
+_FP16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+         "hysteresis": 2, "min_loss_scale": 1}
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """DeepSpeed config for this run: per-rank micro batch = data.batch_size, explicit clipping."""
+    t = cfg.train
+    micro = cfg.data.batch_size
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": micro * t.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": dict(_ZERO_DEFAULTS[t.zero_stage]),
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": dict(_FP16) if t.precision == "fp16" else {"enabled": False},
+        "zero_allow_untested_optimizer": True,  # the client SGD/AdamW with our param groups
+        "steps_per_print": 1_000_000_000,  # the trainer logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+def _precision_of(ds: dict[str, Any]) -> str:
+    """fp32 / bf16 / fp16 as a DeepSpeed config enables it."""
+    bf16 = bool(ds.get("bf16", ds.get("bfloat16", {})).get("enabled", False))
+    fp16 = bool(ds.get("fp16", {}).get("enabled", False))
+    if bf16 and fp16:
+        raise ConfigError("deepspeed config enables both bf16 and fp16")
+    return "bf16" if bf16 else "fp16" if fp16 else "fp32"
+
+
+def load_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """cfg.train.deepspeed_config read and checked (batch sizes, accumulation, stage, precision,
+    clipping must agree with the run config), or the built config when that key is empty."""
+    path = cfg.train.deepspeed_config
+    if not path:
+        return build_ds_config(cfg, world_size)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"train.deepspeed_config: file not found: {path}")
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON: {exc}") from exc
+    autos = [k for k, v in _walk(ds) if v == "auto"]
+    if autos:
+        raise ConfigError(f"train.deepspeed_config: {path} has 'auto' values ({', '.join(autos)}); "
+                          "DeepSpeed outside the HF integration needs concrete numbers")
+    micro = cfg.data.batch_size
+    want = {
+        "train_micro_batch_size_per_gpu": (micro, "data.batch_size"),
+        "gradient_accumulation_steps": (cfg.train.grad_accum, "train.grad_accum"),
+        "train_batch_size": (micro * cfg.train.grad_accum * world_size,
+                             f"data.batch_size x train.grad_accum x world size {world_size}"),
+        "gradient_clipping": (cfg.optim.grad_clip, "optim.grad_clip"),
+    }
+    for key, (value, source) in want.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(f"train.deepspeed_config: {path} sets {key}={ds[key]} but the run config gives "
+                              f"{value} ({source}); make them agree")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_clipping"):
+        if key not in ds:
+            raise ConfigError(f"train.deepspeed_config: {path} must set {key} explicitly")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage != cfg.train.zero_stage:
+        raise ConfigError(f"train.deepspeed_config: {path} uses ZeRO stage {stage} but train.zero_stage="
+                          f"{cfg.train.zero_stage}")
+    precision = _precision_of(ds)
+    if precision != cfg.train.precision:
+        raise ConfigError(f"train.deepspeed_config: {path} trains in {precision} but train.precision="
+                          f"{cfg.train.precision}")
+    ds = dict(ds)
+    ds.setdefault("gradient_accumulation_steps", cfg.train.grad_accum)
+    ds.setdefault("train_batch_size", micro * cfg.train.grad_accum * world_size)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 1_000_000_000)
+    return ds
+
+
+def _walk(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, leaf value) pairs of a nested dict."""
+    if isinstance(d, dict):
+        out = []
+        for k, v in d.items():
+            out += _walk(v, f"{prefix}{k}.")
+        return out
+    return [(prefix.rstrip("."), d)]
