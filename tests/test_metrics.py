@@ -189,8 +189,8 @@ def test_gpu_equals_cpu():
         assert gpu["mAP"] == pytest.approx(cpu["mAP"], abs=1e-12)
 
 
-def test_pairwise_distance_is_cosine():
+def test_pairwise_distance_is_negative_cosine():
     q, g = torch.randn(5, 8), torch.randn(7, 8)
     d = pairwise_distance(q * 3.0, g)
-    expected = 1 - torch.nn.functional.cosine_similarity(q[:, None], g[None], dim=-1)
+    expected = -torch.nn.functional.cosine_similarity(q[:, None], g[None], dim=-1)
     torch.testing.assert_close(d, expected, atol=1e-6, rtol=0)

@@ -277,7 +277,12 @@ def rank_metrics(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike,
 
 
 def pairwise_distance(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-    """Cosine distance 1 - <q, g> of L2-normalised features [Q, G] (ranks like Euclidean distance)."""
+    """Negative cosine similarity -<q, g> of L2-normalised features [Q, G] (smaller = more similar).
+
+    Like the reference (`eval_sysu(-distmat, ...)` on `distmat = q @ g.T`): negation is exact, so no
+    rounding ties are introduced (1 - <q, g> could merge distinct similarities). For unit vectors
+    this ranks exactly like the Euclidean distance, up to float rounding.
+    """
     q = torch.nn.functional.normalize(query.float(), dim=1)
     g = torch.nn.functional.normalize(gallery.float(), dim=1)
-    return 1.0 - q @ g.t()
+    return -(q @ g.t())

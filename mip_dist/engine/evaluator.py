@@ -1,0 +1,213 @@
+"""Test-time feature extraction (once per image, across ranks) and every protocol setting from it.
+
+`extract_features` runs `model.extract(images, modality, camera)` over a test loader (any iterable of
+{"images", "key", "pid", "camera", "modality"} batches; camera is the dataset's 1-based number and is
+passed to the model 0-based), optionally averaging with the horizontally flipped image. When a
+process group is up, each rank extracts the share its loader yields and the shares are gathered,
+ordered by key and de-duplicated, so every rank ends with the same features and no image counts
+twice. `evaluate_features` then runs every Setting of the requested protocols from those features
+(query features once, galleries indexed per trial); `evaluate` chains the two for the trainer and
+`launch/evaluate.py`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mip_dist.eval.metrics import pairwise_distance, rank_metrics
+from mip_dist.eval.protocols import Setting, build_settings
+from mip_dist.eval.rerank import re_ranking
+
+log = logging.getLogger(__name__)
+
+REPORTED_RANKS = (1, 5, 10, 20)
+SUMMARY_KEYS = ("R1", "R10", "R20", "mAP", "mINP")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass when a reduced dtype is asked for."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _gather_shares(feats: torch.Tensor, keys: list[str], device: torch.device) -> tuple[torch.Tensor, list[str]]:
+    """Every rank's (features, keys), concatenated in rank order (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return feats, keys
+    world = dist.get_world_size()
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, (keys, int(feats.shape[1]) if feats.numel() else -1))
+    sizes = [len(k) for k, _ in shares]
+    dim = max(d for _, d in shares)
+    if dim < 0:
+        return feats, []
+    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    padded = torch.zeros(max(sizes), dim, dtype=torch.float32, device=comm_device)
+    if feats.numel():
+        padded[: feats.shape[0]] = feats.to(comm_device)
+    bucket = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(bucket, padded)
+    out = torch.cat([b[:n].cpu() for b, n in zip(bucket, sizes)])
+    return out, [k for ks, _ in shares for k in ks]
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, loader: Iterable[dict], *, device: torch.device | str,
+                     flip: bool = False, dtype: torch.dtype = torch.float32
+                     ) -> tuple[torch.Tensor, list[str]]:
+    """(features [N, F] float32 on CPU, keys [N]) for every test image, ordered by key, each once."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    chunks: list[torch.Tensor] = []
+    keys: list[str] = []
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode(), _autocast(device, dtype):
+            for batch in loader:
+                images = batch["images"].to(device, non_blocking=True)
+                modality = torch.as_tensor(batch["modality"]).to(device=device, dtype=torch.long)
+                camera = torch.as_tensor(batch["camera"]).to(device=device, dtype=torch.long) - 1
+                if bool((camera < 0).any()):
+                    raise ValueError("batch 'camera' must be the dataset's 1-based camera number; got 0 or less")
+                feat = model.extract(images, modality, camera).float()
+                if flip:
+                    feat_flip = model.extract(images.flip(-1), modality, camera).float()
+                    feat = F.normalize(0.5 * (feat + feat_flip), dim=1)
+                chunks.append(feat.cpu())
+                keys.extend(str(k) for k in batch["key"])
+    finally:
+        model.train(was_training)
+    feats = torch.cat(chunks) if chunks else torch.zeros(0, 0)
+    if feats.shape[0] != len(keys):
+        raise ValueError(f"loader yielded {len(keys)} keys for {feats.shape[0]} images")
+    feats, keys = _gather_shares(feats, keys, device)
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    unique, seen = [], set()
+    for i in order:
+        if keys[i] not in seen:
+            seen.add(keys[i])
+            unique.append(i)
+    if len(unique) < len(keys):
+        log.info("extract_features: %d duplicate images (padding of rank shares) dropped", len(keys) - len(unique))
+    idx = torch.as_tensor(unique, dtype=torch.long)
+    feats = feats[idx] if feats.numel() else feats
+    log.info("extracted %d features of dim %d in %.1fs (flip=%s, dtype=%s)", len(unique),
+             feats.shape[1] if feats.dim() == 2 else 0, time.perf_counter() - start, flip, dtype)
+    return feats.contiguous(), [keys[i] for i in unique]
+
+
+def _record_rows(index: dict, keys: Sequence[str]) -> np.ndarray:
+    """Feature row of every index test record; raises naming a record whose image was not extracted."""
+    row_of = {k: i for i, k in enumerate(keys)}
+    records = index["test_records"]
+    missing = [r["key"] for r in records if r["key"] not in row_of]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(records)} test records have no feature (e.g. key "
+                         f"{missing[0]!r}): the test loader did not yield them")
+    return np.asarray([row_of[r["key"]] for r in records], dtype=np.int64)
+
+
+def _summarise(per_trial: list[dict], max_rank: int) -> dict:
+    """Mean and (population) std over trials, in percent, plus the mean CMC curve."""
+    cmc = np.stack([m["cmc"] for m in per_trial]) * 100.0
+    out: dict[str, Any] = {}
+    for r in REPORTED_RANKS:
+        if r <= max_rank:
+            out[f"R{r}"] = float(cmc[:, r - 1].mean())
+            out[f"R{r}_std"] = float(cmc[:, r - 1].std())
+    for k in ("mAP", "mINP"):
+        vals = np.asarray([m[k] for m in per_trial]) * 100.0
+        out[k], out[f"{k}_std"] = float(vals.mean()), float(vals.std())
+    out["cmc"] = cmc.mean(0).tolist()
+    return out
+
+
+def evaluate_features(feats: torch.Tensor, keys: Sequence[str], index: dict, protocols: Sequence[str], *,
+                      trials: int = 10, max_rank: int = 20, rerank: bool = False,
+                      device: torch.device | str = "cpu") -> dict:
+    """{setting: metrics} (percent) for every Setting of `protocols`, plus flat "setting/metric" keys."""
+    device = torch.device(device)
+    max_rank = max(max_rank, max(REPORTED_RANKS))
+    rows = torch.as_tensor(_record_rows(index, keys))
+    records = index["test_records"]
+    pids = torch.as_tensor([int(r["pid"]) for r in records], dtype=torch.int64)
+    cams = torch.as_tensor([int(r["camera"]) for r in records], dtype=torch.int64)
+    feats = F.normalize(feats.float(), dim=1)
+    settings = build_settings(index, protocols, trials)
+
+    results: dict[str, Any] = {}
+    dist_cache: dict[bytes, tuple[torch.Tensor, dict[int, int]]] = {}
+    for s in settings:
+        t0 = time.perf_counter()
+        q_feat = feats[rows[s.query]].to(device)
+        union = np.unique(np.concatenate(s.galleries))
+        cache_key = s.query.tobytes() + union.tobytes()
+        if not rerank and cache_key not in dist_cache:  # distances to every candidate, once
+            dist_cache[cache_key] = (pairwise_distance(q_feat, feats[rows[union]].to(device)),
+                                     {int(r): c for c, r in enumerate(union)})
+        per_trial = []
+        for gallery in s.galleries:
+            g_feat = feats[rows[gallery]].to(device)
+            if rerank:
+                distmat = re_ranking(q_feat, g_feat)
+            else:
+                full, col = dist_cache[cache_key]
+                distmat = full[:, torch.as_tensor([col[int(r)] for r in gallery], device=device)]
+            per_trial.append(rank_metrics(distmat, pids[s.query], pids[gallery], cams[s.query], cams[gallery],
+                                          protocol=s.metric, max_rank=max_rank))
+        summary = _summarise(per_trial, max_rank)
+        summary.update({
+            "trials": s.trials, "seeds": list(s.seeds), "protocol": s.protocol, "metric": s.metric,
+            "description": s.description, "num_query": int(s.query.size),
+            "num_gallery": int(s.galleries[0].size), "rerank": rerank,
+            "per_trial": [{"seed": seed, "R1": float(m["cmc"][0] * 100), "mAP": float(m["mAP"] * 100),
+                           "mINP": float(m["mINP"] * 100)} for seed, m in zip(s.seeds, per_trial)],
+        })
+        results[s.name] = summary
+        log.info("%s: R1 %.2f  R10 %.2f  R20 %.2f  mAP %.2f  mINP %.2f  (%d trial(s), %.2fs)", s.name,
+                 summary["R1"], summary["R10"], summary["R20"], summary["mAP"], summary["mINP"], s.trials,
+                 time.perf_counter() - t0)
+    for name in [s.name for s in settings]:
+        for k in SUMMARY_KEYS:
+            results[f"{name}/{k}"] = results[name][k]
+    return results
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 autocast on GPUs that support it, fp32 elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def evaluate(model: torch.nn.Module, data_cfg: Any, eval_cfg: Any, index: dict, *,
+             device: torch.device | str, loader: Optional[Iterable[dict]] = None,
+             protocols: Optional[Sequence[str]] = None, dtype: Optional[torch.dtype] = None) -> dict:
+    """Extract test features once (distributed if a process group is up) and run every protocol setting.
+
+    `loader` defaults to `mip_dist.data.stream.build_test_loader(data_cfg, rank=, world_size=,
+    batch_size=eval_cfg.batch_size)`; `protocols` defaults to `eval_cfg.protocols`. Every rank
+    returns the same results.
+    """
+    device = torch.device(device)
+    if loader is None:
+        from mip_dist.data.stream import build_test_loader
+
+        initialised = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if initialised else 0
+        world = dist.get_world_size() if initialised else 1
+        loader = build_test_loader(data_cfg, rank=rank, world_size=world, batch_size=eval_cfg.batch_size)
+    feats, keys = extract_features(model, loader, device=device, flip=eval_cfg.flip,
+                                   dtype=dtype if dtype is not None else default_dtype(device))
+    return evaluate_features(feats, keys, index, list(protocols or eval_cfg.protocols), trials=eval_cfg.trials,
+                             max_rank=eval_cfg.max_rank, rerank=eval_cfg.rerank, device=device)
