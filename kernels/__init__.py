@@ -1,13 +1,23 @@
 """Prompt-concatenated attention: one entry point, dispatching to Triton or PyTorch."""
 from __future__ import annotations
 
+import logging
+import math
 from typing import Literal, Optional
 
 import torch
 
+from ._backend import interpreter_requested, triton_available, triton_unavailable_reason
+from ._op import prompt_attention_triton
 from .reference import prompt_attention_math, prompt_attention_torch
 
 Impl = Literal["auto", "triton", "torch"]
+IMPLS = ("auto", "triton", "torch")
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
 def check_inputs(
@@ -28,6 +38,8 @@ def check_inputs(
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
     if q.shape[0] not in (1, B) or q.shape[1] != H or q.shape[3] != D:
         raise ValueError(f"q {tuple(q.shape)} does not match k {tuple(k.shape)} (q batch must be 1 or {B})")
+    if not q.is_floating_point():
+        raise ValueError(f"q must be a floating-point tensor; got {q.dtype}")
     for name, t in (("k", k), ("v", v), ("bank_k", bank_k), ("bank_v", bank_v), ("inst_k", inst_k), ("inst_v", inst_v)):
         if t is not None and (t.dtype != q.dtype or t.device != q.device):
             raise ValueError(f"{name} is {t.dtype} on {t.device}; q is {q.dtype} on {q.device}")
@@ -36,17 +48,53 @@ def check_inputs(
     if bank_k is not None:
         if bank_k.dim() != 4 or bank_k.shape[1] != H or bank_k.shape[3] != D or bank_v.shape != bank_k.shape:
             raise ValueError(f"bank_k/bank_v must be [M, {H}, Pm, {D}]; got {tuple(bank_k.shape)}, {tuple(bank_v.shape)}")
+        if bank_k.shape[0] < 1:
+            raise ValueError("bank_k/bank_v must hold at least one entry (M >= 1)")
         if bank_index is None or bank_index.shape != (B,) or bank_index.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"bank_index must be an int tensor of shape ({B},); got "
                              f"{None if bank_index is None else (tuple(bank_index.shape), bank_index.dtype)}")
-        if B > 0 and (int(bank_index.min()) < 0 or int(bank_index.max()) >= bank_k.shape[0]):
-            raise ValueError(f"bank_index values must be in [0, {bank_k.shape[0]}); got "
-                             f"min {int(bank_index.min())}, max {int(bank_index.max())}")
+        if bank_index.device != q.device:
+            raise ValueError(f"bank_index is on {bank_index.device}; q is on {q.device}")
+        if B > 0 and not torch.compiler.is_compiling():  # one host sync; skipped while tracing
+            lo, hi = (int(x) for x in torch.aminmax(bank_index))
+            if lo < 0 or hi >= bank_k.shape[0]:
+                raise ValueError(f"bank_index values must be in [0, {bank_k.shape[0]}); got min {lo}, max {hi}")
     if (inst_k is None) != (inst_v is None):
         raise ValueError("inst_k and inst_v must both be given or both be None")
     if inst_k is not None and (inst_k.dim() != 4 or inst_k.shape[:2] != (B, H) or inst_k.shape[3] != D
                                or inst_v.shape != inst_k.shape):
         raise ValueError(f"inst_k/inst_v must be [{B}, {H}, Pi, {D}]; got {tuple(inst_k.shape)}, {tuple(inst_v.shape)}")
+    n_keys = S + (bank_k.shape[2] if bank_k is not None else 0) + (inst_k.shape[2] if inst_k is not None else 0)
+    if n_keys == 0 and q.shape[2] > 0:
+        raise ValueError("no keys: the sequence, bank and instance prompts are all empty (softmax over nothing)")
+
+
+def triton_unsupported(q: torch.Tensor) -> Optional[str]:
+    """None if the Triton kernels support q's dtype, head dim and device now, else the reason."""
+    if q.dtype not in TRITON_DTYPES:
+        return f"dtype {q.dtype} (the Triton kernels take float16, bfloat16, float32)"
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (the Triton kernels take {TRITON_HEAD_DIMS})"
+    return triton_unavailable_reason(q.device)
+
+
+def resolve_impl(impl: str, q: torch.Tensor) -> str:
+    """'triton' or 'torch' for this call: auto = Triton on CUDA (or CPU with TRITON_INTERPRET=1) when supported."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    reason = triton_unsupported(q)
+    if impl == "triton":
+        if reason is not None:
+            raise ValueError(f"impl='triton' cannot run here: {reason}; use impl='torch' or 'auto'")
+        return "triton"
+    if reason is None:
+        return "triton"
+    if q.device.type == "cuda" and reason not in _warned:  # falling back on a GPU is worth one warning
+        _warned.add(reason)
+        logger.warning("prompt_attention: Triton unsupported for %s; using the PyTorch path", reason)
+    return "torch"
 
 
 def prompt_attention(
@@ -62,9 +110,32 @@ def prompt_attention(
     impl: Impl = "auto",
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """o = softmax(q [bank[bank_index] | inst | seq]^T * scale) [...]; see ARCHITECTURE.md for shapes."""
+    """o = softmax(q [bank[bank_index] | inst | seq]^T * scale) [...]; see ARCHITECTURE.md for shapes.
+
+    impl: "auto" (Triton on CUDA, or on CPU under TRITON_INTERPRET=1, when dtype/head dim are
+    supported; else PyTorch), "triton" (forced; ValueError if it cannot run), "torch".
+    deterministic: Triton backward without atomics, bit-identical run to run.
+    """
     check_inputs(q, k, v, bank_k, bank_v, bank_index, inst_k, inst_v)
-    return prompt_attention_torch(q, k, v, bank_k, bank_v, bank_index, inst_k, inst_v, scale)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number; got {scale!r}")
+    if resolve_impl(impl, q) == "torch":
+        return prompt_attention_torch(q, k, v, bank_k, bank_v, bank_index, inst_k, inst_v, scale)
+    return prompt_attention_triton(q, k, v, bank_k, bank_v, bank_index, inst_k, inst_v, scale, deterministic)
 
 
-__all__ = ["prompt_attention", "prompt_attention_torch", "prompt_attention_math", "check_inputs"]
+__all__ = [
+    "prompt_attention",
+    "prompt_attention_torch",
+    "prompt_attention_triton",
+    "prompt_attention_math",
+    "check_inputs",
+    "resolve_impl",
+    "triton_unsupported",
+    "triton_available",
+    "interpreter_requested",
+    "IMPLS",
+    "TRITON_HEAD_DIMS",
+]
