@@ -28,8 +28,9 @@ def freeze_backbone(model: nn.Module, category_fn: CategoryFn) -> int:
 
 
 def _no_decay(name: str, param: torch.Tensor, category: str) -> bool:
-    """Norm weights, biases and modality prompts get no weight decay (1-D tensors are norms/biases)."""
-    return category == "prompt" or param.ndim <= 1 or name.endswith(".bias")
+    """No weight decay on norms and biases (1-D) or on prompt tokens: the >=3-D tensors of the MPL
+    library and the IPG queries (their Linear/block weights keep decay)."""
+    return param.ndim <= 1 or name.endswith(".bias") or (category in ("prompt", "ipg") and param.ndim >= 3)
 
 
 def _lr_factor(name: str, category: str, cfg: OptimConfig) -> float:
@@ -102,9 +103,9 @@ def lr_multiplier(epoch: float, cfg: OptimConfig) -> float:
     return cfg.min_lr_factor + 0.5 * (peak - cfg.min_lr_factor) * (1.0 + math.cos(math.pi * t_in_cycle / cfg.restart_epochs))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
+def set_lr(optimizer: torch.optim.Optimizer, step: int, steps_per_epoch: float, cfg: OptimConfig) -> float:
     """Write each group's LR for optimizer step `step` (stateless, so resume needs no scheduler state)."""
-    mult = lr_multiplier(step / max(1, steps_per_epoch), cfg)
+    mult = lr_multiplier(step / max(1e-9, steps_per_epoch), cfg)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * mult
     return mult
