@@ -5,7 +5,7 @@
 passed to the model 0-based), optionally averaging with the horizontally flipped image. When a
 process group is up, each rank extracts the share its loader yields and the shares are gathered,
 ordered by key and de-duplicated, so every rank ends with the same features and no image counts
-twice. `evaluate_features` then runs every Setting of the requested protocols from those features
+twice (the trainer, which evaluates on rank 0 only, asks for no gathering). `evaluate_features` then runs every Setting of the requested protocols from those features
 (query features once, galleries indexed per trial); `evaluate` chains the two for the trainer and
 `launch/evaluate.py`.
 """
@@ -38,9 +38,14 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _group_size() -> int:
+    """World size of the default process group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _gather_shares(feats: torch.Tensor, keys: list[str], device: torch.device) -> tuple[torch.Tensor, list[str]]:
     """Every rank's (features, keys), concatenated in rank order (identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _group_size() == 1:
         return feats, keys
     world = dist.get_world_size()
     shares: list[Any] = [None] * world
@@ -61,10 +66,16 @@ def _gather_shares(feats: torch.Tensor, keys: list[str], device: torch.device) -
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, loader: Iterable[dict], *, device: torch.device | str,
-                     flip: bool = False, dtype: torch.dtype = torch.float32
-                     ) -> tuple[torch.Tensor, list[str]]:
-    """(features [N, F] float32 on CPU, keys [N]) for every test image, ordered by key, each once."""
+                     flip: bool = False, dtype: torch.dtype = torch.float32,
+                     distributed: Optional[bool] = None) -> tuple[torch.Tensor, list[str]]:
+    """(features [N, F] float32 on CPU, keys [N]) for every test image, ordered by key, each once.
+
+    distributed: gather every rank's share (all ranks must call, each with its own share of the
+    test set); None = whenever a process group with more than one rank is up.
+    """
     device = torch.device(device)
+    if distributed is None:
+        distributed = _group_size() > 1
     was_training = model.training
     model.eval()
     chunks: list[torch.Tensor] = []
@@ -89,7 +100,8 @@ def extract_features(model: torch.nn.Module, loader: Iterable[dict], *, device: 
     feats = torch.cat(chunks) if chunks else torch.zeros(0, 0)
     if feats.shape[0] != len(keys):
         raise ValueError(f"loader yielded {len(keys)} keys for {feats.shape[0]} images")
-    feats, keys = _gather_shares(feats, keys, device)
+    if distributed:
+        feats, keys = _gather_shares(feats, keys, device)
     order = sorted(range(len(keys)), key=keys.__getitem__)
     unique, seen = [], set()
     for i in order:
@@ -192,22 +204,25 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 def evaluate(model: torch.nn.Module, data_cfg: Any, eval_cfg: Any, index: dict, *,
              device: torch.device | str, loader: Optional[Iterable[dict]] = None,
-             protocols: Optional[Sequence[str]] = None, dtype: Optional[torch.dtype] = None) -> dict:
-    """Extract test features once (distributed if a process group is up) and run every protocol setting.
+             protocols: Optional[Sequence[str]] = None, dtype: Optional[torch.dtype] = None,
+             distributed: bool = False) -> dict:
+    """Extract test features once and run every protocol setting; see `evaluate_features` for the result.
 
+    distributed=False (what a rank-0-only caller needs): this process extracts the whole test set.
+    distributed=True: EVERY rank must call; each extracts its share and all get the same results.
     `loader` defaults to `mip_dist.data.stream.build_test_loader(data_cfg, rank=, world_size=,
-    batch_size=eval_cfg.batch_size)`; `protocols` defaults to `eval_cfg.protocols`. Every rank
-    returns the same results.
+    batch_size=eval_cfg.batch_size)`; `protocols` defaults to `eval_cfg.protocols`.
     """
     device = torch.device(device)
+    if distributed and _group_size() == 1:
+        distributed = False
     if loader is None:
         from mip_dist.data.stream import build_test_loader
 
-        initialised = dist.is_available() and dist.is_initialized()
-        rank = dist.get_rank() if initialised else 0
-        world = dist.get_world_size() if initialised else 1
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         loader = build_test_loader(data_cfg, rank=rank, world_size=world, batch_size=eval_cfg.batch_size)
     feats, keys = extract_features(model, loader, device=device, flip=eval_cfg.flip,
-                                   dtype=dtype if dtype is not None else default_dtype(device))
+                                   dtype=dtype if dtype is not None else default_dtype(device),
+                                   distributed=distributed)
     return evaluate_features(feats, keys, index, list(protocols or eval_cfg.protocols), trials=eval_cfg.trials,
                              max_rank=eval_cfg.max_rank, rerank=eval_cfg.rerank, device=device)

@@ -1,0 +1,193 @@
+"""Readable evaluation figures: CMC curves, t-SNE of instance prompts, CLS attention overlays (paper Figs. 3-4).
+
+Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas, never through pyplot, so no
+global backend is switched and nothing needs a display.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+MODALITY_MARKERS = {0: ("o", "infrared"), 1: ("^", "visible")}
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Render with Agg and write a PNG (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_cmc(results: dict, path: str | Path, title: str = "CMC") -> Path:
+    """One mean CMC curve (percent, ranks 1..max_rank) per setting of an evaluation result dict."""
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    settings = {k: v for k, v in results.items() if isinstance(v, dict) and "cmc" in v}
+    if not settings:
+        raise ValueError("plot_cmc: the results hold no setting with a 'cmc' curve")
+    for name, res in settings.items():
+        cmc = np.asarray(res["cmc"])
+        ax.plot(np.arange(1, len(cmc) + 1), cmc, marker=".", label=f"{name} (R1 {res['R1']:.1f}, mAP {res['mAP']:.1f})")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("matching rate (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def instance_prompt_embedding(model: torch.nn.Module, loader: Iterable[dict], *, device: torch.device | str,
+                              max_ids: int = 10, max_per_id: int = 24, layer: int = -1,
+                              seed: int = 0) -> Optional[dict]:
+    """2-D t-SNE of the mean instance prompt of prompted layer `layer`, for the first `max_ids` identities.
+
+    Reads `MIPOutput.instance_prompts` from the model's forward (list per layer of [B, C]). Returns
+    {"embedding" [N, 2], "pid" [N], "modality" [N]} or None when the model has no instance prompts.
+    """
+    from sklearn.manifold import TSNE
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    vecs, pids, mods = [], [], []
+    counts: dict[int, int] = {}
+    try:
+        for batch in loader:
+            pid = torch.as_tensor(batch["pid"]).tolist()
+            wanted = [i for i, p in enumerate(pid) if (p in counts or len(counts) < max_ids)
+                      and counts.get(p, 0) < max_per_id]
+            if not wanted:
+                if len(counts) >= max_ids and all(c >= max_per_id for c in counts.values()):
+                    break
+                continue
+            sel = torch.as_tensor(wanted)
+            images = batch["images"][sel].to(device)
+            modality = torch.as_tensor(batch["modality"])[sel].to(device=device, dtype=torch.long)
+            camera = torch.as_tensor(batch["camera"])[sel].to(device=device, dtype=torch.long) - 1
+            prompts = model(images, modality, camera).instance_prompts
+            if not prompts:
+                log.warning("t-SNE skipped: the model produces no instance prompts (IPG off)")
+                return None
+            vecs.append(prompts[layer].float().cpu())
+            for i in wanted:
+                counts[pid[i]] = counts.get(pid[i], 0) + 1
+                pids.append(pid[i])
+            mods += modality.cpu().tolist()
+    finally:
+        model.train(was_training)
+    if len(pids) < 5:
+        log.warning("t-SNE skipped: only %d images collected", len(pids))
+        return None
+    x = torch.cat(vecs).numpy()
+    perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
+    emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    return {"embedding": emb, "pid": np.asarray(pids), "modality": np.asarray(mods)}
+
+
+def plot_tsne(embedding: np.ndarray, pids: np.ndarray, modality: np.ndarray, path: str | Path,
+              title: str = "t-SNE of instance prompts") -> Path:
+    """Scatter coloured by identity, marker by modality (circle infrared, triangle visible)."""
+    fig = Figure(figsize=(6, 6))
+    ax = fig.add_subplot(1, 1, 1)
+    ids = sorted(set(pids.tolist()))
+    colours = {p: i for i, p in enumerate(ids)}
+    cmap = __import__("matplotlib").colormaps["tab20"]
+    for mod, (marker, label) in MODALITY_MARKERS.items():
+        m = modality == mod
+        if m.any():
+            ax.scatter(embedding[m, 0], embedding[m, 1], c=[cmap(colours[p] % 20) for p in pids[m]],
+                       marker=marker, s=28, edgecolors="k", linewidths=0.3, label=label)
+    ax.set_title(f"{title} ({len(ids)} identities)")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def select_pairs(distmat: torch.Tensor, q_pids: Sequence[int], g_pids: Sequence[int], k: int = 4) -> list[tuple[int, int, bool]]:
+    """Up to k (query row, rank-1 gallery column, is_true_match) for queries of distinct identities."""
+    seen: set[int] = set()
+    out = []
+    top = distmat.argmin(dim=1).cpu().tolist()
+    for q, g in enumerate(top):
+        if q_pids[q] in seen:
+            continue
+        seen.add(q_pids[q])
+        out.append((q, g, bool(q_pids[q] == g_pids[g])))
+        if len(out) == k:
+            break
+    return out
+
+
+def collect_images(loader: Iterable[dict], keys: Iterable[str]) -> dict[str, dict]:
+    """The loader's image, modality, camera and pid of each wanted key (one pass, stops when all found)."""
+    wanted = set(keys)
+    found: dict[str, dict] = {}
+    for batch in loader:
+        for i, key in enumerate(batch["key"]):
+            if key in wanted and key not in found:
+                found[key] = {"image": batch["images"][i], "modality": int(batch["modality"][i]),
+                              "camera": int(batch["camera"][i]), "pid": int(batch["pid"][i])}
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def _to_display(image: torch.Tensor) -> np.ndarray:
+    """Normalised [3, H, W] (mean = std = 0.5) -> [H, W, 3] in [0, 1]."""
+    return (image.float().cpu() * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+@torch.no_grad()
+def attention_maps(model: torch.nn.Module, items: Sequence[dict], *, device: torch.device | str) -> list[np.ndarray]:
+    """`model.cls_attention` of each item, upsampled to the image size and scaled to [0, 1]."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        images = torch.stack([it["image"] for it in items]).to(device)
+        modality = torch.tensor([it["modality"] for it in items], device=device)
+        camera = torch.tensor([it["camera"] - 1 for it in items], device=device)
+        attn = model.cls_attention(images, modality, camera).float()  # [B, Hp, Wp]
+    finally:
+        model.train(was_training)
+    up = F.interpolate(attn[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    lo = up.flatten(1).amin(1)[:, None, None]
+    hi = up.flatten(1).amax(1)[:, None, None]
+    return list(((up - lo) / (hi - lo).clamp_min(1e-12)).cpu().numpy())
+
+
+def plot_attention_pairs(model: torch.nn.Module, pairs: Sequence[tuple[dict, dict, bool]], path: str | Path, *,
+                         device: torch.device | str) -> Path:
+    """Rows of (query, query attention, rank-1 gallery, gallery attention), titled with ids and match."""
+    if not pairs:
+        raise ValueError("plot_attention_pairs: no pairs given")
+    items = [it for q, g, _ in pairs for it in (q, g)]
+    maps = attention_maps(model, items, device=device)
+    fig = Figure(figsize=(8, 3.2 * len(pairs)))
+    for row, (q, g, ok) in enumerate(pairs):
+        for col, (it, amap, role) in enumerate(((q, maps[2 * row], "query"), (g, maps[2 * row + 1], "rank-1"))):
+            img = _to_display(it["image"])
+            name = MODALITY_MARKERS[it["modality"]][1]
+            ax = fig.add_subplot(len(pairs), 4, 4 * row + 2 * col + 1)
+            ax.imshow(img)
+            ax.set_title(f"{role} id {it['pid']} ({name}, cam{it['camera']})", fontsize=7)
+            ax.axis("off")
+            ax = fig.add_subplot(len(pairs), 4, 4 * row + 2 * col + 2)
+            ax.imshow(img)
+            ax.imshow(amap, cmap="jet", alpha=0.5)
+            ax.set_title("CLS attention" + ("" if col == 0 else (" - match" if ok else " - wrong")), fontsize=7)
+            ax.axis("off")
+    return _save(fig, path)
