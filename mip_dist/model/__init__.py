@@ -1,1 +1,8 @@
 """The MIP model: prompted ReID ViT on timm parts, MPL, IPG, JPM and heads."""
+from .block import PromptedBlock
+from .mip import MIP, MIPOutput, build_model, param_category
+from .mpl import MODALITY_INFRARED, MODALITY_VISIBLE
+from .pretrained import load_pretrained
+
+__all__ = ["MIP", "MIPOutput", "PromptedBlock", "build_model", "load_pretrained", "param_category",
+           "MODALITY_INFRARED", "MODALITY_VISIBLE"]
