@@ -132,8 +132,9 @@ class Checkpointer:
         return client_state
 
 
-def consolidated_state_dict(engine: Any, tag_dir: Optional[Path], zero_stage: int, fp32_engine: bool) -> Optional[dict]:
-    """The full fp32 model state on rank 0 (None elsewhere).
+def consolidated_state_dict(engine: Any, tag_dir: Optional[Path], zero_stage: int, fp32_engine: bool,
+                            strip_prefix: str = "") -> Optional[dict]:
+    """The full fp32 model state on rank 0 (None elsewhere), keys without `strip_prefix`.
 
     ZeRO-3 (and ZeRO-1/2 with 16-bit weights) read the fp32 master weights back from a saved tag with
     DeepSpeed's zero_to_fp32; otherwise the engine's own (already full) module state is used.
@@ -146,9 +147,15 @@ def consolidated_state_dict(engine: Any, tag_dir: Optional[Path], zero_stage: in
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone() for k, v in sd.items()}
-    return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-            for k, v in engine.module.state_dict().items()}
+    else:
+        sd = engine.module.state_dict()
+    out = {}
+    for k, v in sd.items():
+        if strip_prefix and k.startswith(strip_prefix):
+            k = k[len(strip_prefix):]
+        v = v.detach().cpu()
+        out[k] = v.float().clone() if v.is_floating_point() else v.clone()
+    return out
 
 
 def export_model(path: Path, state_dict: dict, cfg: Config, num_classes: int, num_cameras: int) -> Path:

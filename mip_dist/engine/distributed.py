@@ -75,6 +75,9 @@ def init_distributed(device_preference: str = "auto", local_rank_arg: int = -1) 
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:  # CPU ranks on one host: share the cores, don't oversubscribe
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     log.info("rank %d/%d (local %d) on %s, backend %s, master %s:%s",

@@ -1,0 +1,92 @@
+"""Train MIP: `python launch/train.py --config C [key=value ...]`, or under `deepspeed` / `accelerate launch`.
+
+Parses arguments, builds and checks the config (a bad config fails here, before any process group
+starts), initialises the process group (nccl on GPUs, gloo on CPUs) and hands over to the Trainer.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+EXIT_CONFIG, EXIT_DIVERGED, EXIT_SIGTERM = 2, 3, 143
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """--config, --resume, the launcher's --local_rank, and key=value overrides."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None,
+                   help=f"YAML run config (default: {DEMO_CONFIG.relative_to(REPO)}, the embedded demo)")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="auto: newest finished checkpoint of the run (if any); PATH: a checkpoint tag or run dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=0.02")
+    return p.parse_args(argv)
+
+
+def config_path(arg: str | None) -> Path:
+    """The --config file, or the demo config when none is given."""
+    # Demo hook (issue 7): `python launch/train.py` with no arguments trains configs/demo.yaml.
+    if arg is not None:
+        return Path(arg)
+    if DEMO_CONFIG.is_file():
+        return DEMO_CONFIG
+    raise SystemExit(f"error: no --config given and the demo config {DEMO_CONFIG} does not exist")
+
+
+def setup_logging(rank: int) -> None:
+    """INFO on rank 0, warnings only elsewhere, with the rank in every line."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def preflight(cfg, world_size: int) -> None:
+    """Checks that need no process group: the DeepSpeed JSON agrees with the config; shards exist."""
+    from mip_dist.config import ConfigError
+    from mip_dist.engine.ds_config import load_ds_config
+
+    load_ds_config(cfg, world_size)
+    if not cfg.data.train_urls and not (Path(cfg.data.shards) / "index.json").is_file():
+        raise ConfigError(f"data.shards: {cfg.data.shards!r} has no index.json; write shards first "
+                          "(launch/make_shards.py) or point data.shards at them")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    from mip_dist.config import ConfigError, load_config
+
+    path = config_path(args.config)
+    try:
+        cfg = load_config(path, args.overrides)
+        preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as exc:
+        print(f"error: {path}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from mip_dist.engine.distributed import init_distributed, shutdown
+    from mip_dist.engine.trainer import RunDirError, Trainer, TrainingDiverged
+
+    env = init_distributed(cfg.train.device, args.local_rank)
+    try:
+        summary = Trainer(cfg, env, resume=args.resume).fit()
+    except RunDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TrainingDiverged as exc:
+        print(f"error: training diverged: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    shutdown()
+    if env.is_main:
+        print(f"{summary['status']}: step {summary['step']}, run directory {summary['run_dir']}")
+    return EXIT_SIGTERM if summary["status"] == "interrupted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
