@@ -114,11 +114,11 @@ def load_pretrained(model: nn.Module, path: str) -> dict[str, list[str]]:
     if not target:
         raise ValueError(f"{path}: no checkpoint key matches the model; is it a timm ViT checkpoint?")
     model.load_state_dict(target, strict=False)
-    backbone_missing = [k for k in missing if param_category(k) == "backbone"]
+    backbone_missing = [k for k in missing if param_category(k) == "backbone" and k != "sie_embed"]
     log.info("loaded %d tensors from %s; resized: %s", len(target), path, resized or "none")
     if backbone_missing:
         log.warning("backbone keys not in the checkpoint (left at init): %s", backbone_missing)
-    log.info("missing (prompt/IPG/head, trained from scratch): %d keys", len(missing) - len(backbone_missing))
+    log.info("missing (SIE/prompt/IPG/head, trained from scratch): %d keys", len(missing) - len(backbone_missing))
     if unexpected:
         log.info("checkpoint keys not used: %s", unexpected)
     return {"missing": missing, "unexpected": unexpected, "resized": resized}
