@@ -110,7 +110,8 @@ class Trainer:
     """Trains MIP with a DeepSpeed engine; `fit()` runs to the end (or to SIGTERM) and returns a summary."""
 
     def __init__(self, cfg: Config, env: DistEnv, resume: Optional[str] = None) -> None:
-        from mip_dist.data.stream import build_train_stream, read_index
+        from mip_dist.data.shards import read_index
+        from mip_dist.data.stream import build_train_stream
         from mip_dist.losses import MIPLoss
         from mip_dist.model import build_model, param_category
 
@@ -293,7 +294,7 @@ class Trainer:
         out = self.engine(images, modality, camera)
         loss, parts = self.loss_fn(to_float32(self.engine.module.unpack(out)), pids, modality, self.epoch)
 
-        names = sorted(parts)
+        names = sorted(k for k in parts if k != "total")  # "loss" is the total
         stats = torch.tensor([float(loss.detach()), *(float(parts[k]) for k in names),
                               0.0, float(self._stop)], dtype=torch.float64)
         stats[-2] = float(not math.isfinite(stats[0].item()))

@@ -1,0 +1,111 @@
+"""launch/train.py argument handling, DeepSpeed config files, and bad configs failing before any process group."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mip_dist.config import ConfigError, load_config
+from mip_dist.engine.ds_config import build_ds_config, load_ds_config
+
+REPO = Path(__file__).resolve().parent.parent
+DS_JSONS = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
+PAPER = REPO / "configs" / "mip_vitb16_sysu.yaml"
+PG_STARTED = "backend gloo"  # logged by init_distributed once the process group is up
+
+
+def _train(args, env_extra=None, timeout=120):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_twelve_deepspeed_jsons_ship_with_concrete_values():
+    names = {p.stem for p in DS_JSONS}
+    assert names == {f"zero{s}_{p}" for s in range(4) for p in ("bf16", "fp16", "fp32")}
+    for path in DS_JSONS:
+        text = path.read_text()
+        assert '"auto"' not in text, path
+        ds = json.loads(text)
+        assert isinstance(ds["gradient_clipping"], float), path
+
+
+@pytest.mark.parametrize("path", DS_JSONS, ids=lambda p: p.stem)
+def test_deepspeed_json_matches_config_it_names(path):
+    stage, precision = int(path.stem[4]), path.stem.split("_")[1]
+    cfg = load_config(PAPER, [f"train.zero_stage={stage}", f"train.precision={precision}",
+                              f"train.deepspeed_config={path}"])
+    ds = load_ds_config(cfg, world_size=4)
+    built = build_ds_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 64 * 4
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+                "zero_optimization", "bf16", "fp16"):
+        assert ds[key] == built[key], key
+
+
+def test_deepspeed_json_disagreeing_with_config_fails_clearly(tmp_path):
+    cfg = load_config(PAPER, ["data.batch_size=32", f"train.deepspeed_config={REPO}/configs/deepspeed/zero0_bf16.json"])
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=64.*data.batch_size"):
+        load_ds_config(cfg, 2)
+    cfg = load_config(PAPER, ["train.zero_stage=2", f"train.deepspeed_config={REPO}/configs/deepspeed/zero0_bf16.json"])
+    with pytest.raises(ConfigError, match="ZeRO stage 0 but train.zero_stage=2"):
+        load_ds_config(cfg, 2)
+    cfg = load_config(PAPER, [f"train.deepspeed_config={REPO}/configs/deepspeed/zero0_fp16.json"])
+    with pytest.raises(ConfigError, match="trains in fp16 but train.precision=bf16"):
+        load_ds_config(cfg, 2)
+    bad = tmp_path / "auto.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 1.0}))
+    cfg = load_config(PAPER, [f"train.deepspeed_config={bad}"])
+    with pytest.raises(ConfigError, match="'auto' values.*train_micro_batch_size_per_gpu"):
+        load_ds_config(cfg, 1)
+    cfg = load_config(PAPER, ["train.grad_accum=2", "optim.grad_clip=1.0"])
+    built = build_ds_config(cfg, 3)
+    assert built["train_batch_size"] == 64 * 2 * 3 and built["gradient_clipping"] == 1.0
+
+
+def test_bad_override_fails_before_process_group(tmp_path):
+    r = _train(["--config", "configs/tiny.yaml", "model.num_heads=5", f"train.output_dir={tmp_path}"])
+    assert r.returncode == 2, r.stderr
+    assert "model.embed_dim" in r.stderr and "num_heads=5" in r.stderr
+    assert PG_STARTED not in r.stderr + r.stdout
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_shards_fail_before_process_group(tmp_path):
+    r = _train(["--config", "configs/tiny.yaml", f"data.shards={tmp_path}/nowhere", f"train.output_dir={tmp_path}"])
+    assert r.returncode == 2 and "data.shards" in r.stderr and "index.json" in r.stderr, r.stderr
+    assert PG_STARTED not in r.stderr + r.stdout
+
+
+def test_bad_config_under_deepspeed_launcher_fails_on_every_rank(tmp_path):
+    """Both ranks exit with the config error at once: neither reaches the process-group rendezvous."""
+    from mip_dist.engine.distributed import free_port
+
+    launcher = Path(sys.executable).parent / "deepspeed"
+    r = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()),
+                        str(REPO / "launch" / "train.py"), "--config", "configs/tiny.yaml",
+                        "train.zero_stage=7", f"train.output_dir={tmp_path}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "train.zero_stage" in out and PG_STARTED not in out
+
+
+def test_unknown_config_file_and_no_demo_config(tmp_path):
+    r = _train(["--config", str(tmp_path / "missing.yaml")])
+    assert r.returncode == 2 and "config file not found" in r.stderr
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        import train as train_entry
+    finally:
+        sys.path.pop(0)
+    args = train_entry.parse_args(["--local_rank=1", "--resume", "auto", "optim.lr=0.1"])
+    assert args.local_rank == 1 and args.resume == "auto" and args.overrides == ["optim.lr=0.1"]
+    assert train_entry.parse_args([]).config is None  # optional: defaults to the demo config
+    if not train_entry.DEMO_CONFIG.is_file():
+        with pytest.raises(SystemExit, match="demo config"):
+            train_entry.config_path(None)
+    else:
+        assert train_entry.config_path(None) == train_entry.DEMO_CONFIG
