@@ -161,6 +161,21 @@ def test_matches_per_query_loop_on_random_problems(protocol):
     assert checked > 60
 
 
+def test_binary_search_bucketing_equals_compare_bucketing(monkeypatch):
+    import mip_dist.eval.metrics as metrics
+
+    rng = np.random.default_rng(11)
+    problems = [_random_problem(rng, 40, 60, 4, levels) for levels in (0, 3, 30)]
+    baseline = [rank_metrics(p[0].astype(np.float32), *p[1:], protocol="llcm") for p in problems]
+    monkeypatch.setattr(metrics, "_COMPARE_MAX", 0)  # force searchsorted
+    for p, base in zip(problems, baseline):
+        got = rank_metrics(p[0].astype(np.float32), *p[1:], protocol="llcm")
+        np.testing.assert_allclose(got["cmc"], base["cmc"], atol=1e-12)
+        assert got["mAP"] == pytest.approx(base["mAP"], abs=1e-12)
+        expected = loop_reference(p[0].astype(np.float32), *p[1:], "llcm")
+        assert got["mINP"] == pytest.approx(expected[2], abs=1e-6)
+
+
 def test_sysu_sized_problem_and_dtypes():
     rng = np.random.default_rng(5)
     nq, ng = 400, 301

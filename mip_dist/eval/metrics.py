@@ -33,6 +33,7 @@ chunked over queries to bound memory; there is no per-query Python loop.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Optional, Union
 
 import numpy as np
@@ -44,6 +45,7 @@ ArrayLike = Union[np.ndarray, torch.Tensor, list]
 
 PROTOCOLS = ("sysu", "regdb", "llcm", "plain")
 _UNIQUE_ID_CMC = {"sysu", "llcm"}
+_COMPARE_MAX = 24  # up to this many true matches per query, count by compares instead of searchsorted
 _CHUNK_ELEMENTS = 1 << 22  # ranked-list entries per chunk (~4M, a few hundred MB of temporaries)
 
 
@@ -94,15 +96,28 @@ def _ordered_keys(dist: torch.Tensor) -> torch.Tensor:
     d = dist + 0.0  # -0.0 -> +0.0, so that signed zeros tie like the float comparison says
     bits = d.view(torch.int32)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # IEEE-754 total order as signed int32
-    index = torch.arange(dist.shape[1], device=dist.device, dtype=torch.int64)
-    return (ordered.to(torch.int64) << 32) | index
+    index = torch.arange(dist.shape[1], device=dist.device, dtype=torch.int32).expand_as(ordered)
+    if sys.byteorder == "little":  # (high word = ordered, low word = index) in one copy
+        return torch.stack([index, ordered], dim=-1).view(torch.int64).squeeze(-1)
+    return (ordered.to(torch.int64) << 32) | index.to(torch.int64)
+
+
+def _count_preceding(keys: torch.Tensor, pos_keys: torch.Tensor) -> torch.Tensor:
+    """[C, G]: how many of each row's sorted true-match keys are smaller than each entry's key."""
+    p = pos_keys.shape[1]
+    if p > _COMPARE_MAX:
+        return torch.searchsorted(pos_keys, keys)
+    bucket = torch.zeros(keys.shape, dtype=torch.uint8, device=keys.device)
+    for k in range(p):  # a few compares beat a batched binary search on short rows
+        bucket += keys > pos_keys[:, k:k + 1]
+    return bucket.long()
 
 
 def _distinct_before(labels: torch.Tensor, before: torch.Tensor, num_labels: int) -> torch.Tensor:
     """[C] number of distinct gallery identities among the entries flagged in `before` [C, G]."""
-    seen = torch.zeros(before.shape[0], num_labels, dtype=torch.int32, device=before.device)
-    seen.scatter_add_(1, labels.expand_as(before), before.to(torch.int32))
-    return (seen > 0).sum(dim=1)
+    seen = torch.zeros(before.shape[0], num_labels, dtype=torch.uint8, device=before.device)
+    seen.scatter_reduce_(1, labels.expand_as(before), before.view(torch.uint8), reduce="amax")
+    return seen.sum(dim=1, dtype=torch.int64)
 
 
 def _chunk_stats_sorted(dist: torch.Tensor, q_pid: torch.Tensor, q_cam: Optional[torch.Tensor],
@@ -153,7 +168,8 @@ def _chunk_stats_keys(dist: torch.Tensor, q_pid: torch.Tensor, q_cam: Optional[t
 
     Each distance becomes a unique int64 key ordered like the stable sort. Only a query's own true
     matches are sorted (a handful); every gallery entry is then bucketed by how many true matches
-    precede it (`searchsorted`), and a per-bucket count gives the kept rank of every true match.
+    precede it (compares, or `searchsorted` for many matches), and a per-bucket count gives the kept
+    rank of every true match.
     Linear in the gallery size instead of G log G; identical results to the sorted path.
     """
     c, g = dist.shape
@@ -173,12 +189,12 @@ def _chunk_stats_keys(dist: torch.Tensor, q_pid: torch.Tensor, q_cam: Optional[t
     num_rel = cand_ok.sum(dim=1)
     valid = num_rel > 0
 
-    bucket = torch.searchsorted(pos_keys, keys)  # true matches strictly before each entry
+    bucket = _count_preceding(keys, pos_keys)  # true matches strictly before each entry
     p = pos_keys.shape[1]
-    counts = torch.zeros(c, p + 1, dtype=torch.int64, device=dist.device)
-    counts.scatter_add_(1, bucket, keep.to(torch.int64) if keep is not None
-                        else torch.ones((), dtype=torch.int64, device=dist.device).expand(c, g))
-    kept_rank = torch.cumsum(counts, dim=1)[:, :p]  # kept rank of the k-th true match (1-based)
+    counts = torch.zeros(c, p + 1, dtype=torch.int32, device=dist.device)
+    counts.scatter_add_(1, bucket, keep.to(torch.int32) if keep is not None
+                        else torch.ones((), dtype=torch.int32, device=dist.device).expand(c, g))
+    kept_rank = torch.cumsum(counts, dim=1, dtype=torch.int64)[:, :p]  # kept rank of the k-th true match
     k = torch.arange(1, p + 1, device=dist.device, dtype=torch.float64)
     is_rel = k.unsqueeze(0) <= num_rel.unsqueeze(1).to(torch.float64)
     zero = torch.zeros((), dtype=torch.float64, device=dist.device)
