@@ -132,15 +132,18 @@ def test_select_pairs_distinct_query_identities():
     assert vis.select_pairs(d, [1, 1, 2], [1, 3, 2], k=4) == [(0, 0, True), (2, 2, True)]
 
 
-def test_end_to_end_on_tiny_checkpoint(tmp_path, tiny_cfg, tiny_model, capsys):
+def test_end_to_end_on_tiny_checkpoint(tmp_path, tiny_cfg, capsys):
     stream = pytest.importorskip("mip_dist.data.stream", reason="mip_dist.data.stream not written yet")
     synthetic = pytest.importorskip("mip_dist.data.synthetic")
     shards_mod = pytest.importorskip("mip_dist.data.shards", reason="shard writer not written yet")
     root, shards = tmp_path / "syn", tmp_path / "shards"
-    synthetic.generate_synthetic(str(root), num_train_ids=4, num_test_ids=4, images_per_camera=2)
-    shards_mod.write_shards("synthetic", str(root), str(shards))
+    synthetic.generate_synthetic(str(root), num_train_ids=4, num_test_ids=4, images_per_camera=2,
+                                 img_size=(128, 64), workers=1)
+    shards_mod.write_shards("synthetic", str(root), str(shards), workers=1, progress=False)
     index = stream.read_index(str(shards))
-    ckpt = _export(tmp_path / "m.pt", tiny_model, tiny_cfg, int(index["num_classes"]), int(index["num_cameras"]))
+    n_cls, n_cam = int(index["num_classes"]), int(index["num_cameras"])
+    model = pytest.importorskip("mip_dist.model").build_model(tiny_cfg.model, tiny_cfg.attention, n_cls, n_cam)
+    ckpt = _export(tmp_path / "m.pt", model, tiny_cfg, n_cls, n_cam)
     out = tmp_path / "eval"
     rc = cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--protocol", "sysu", "sysu_authors",
                    "--device", "cpu", "--visualize", f"data.shards={shards}", "eval.trials=2"])

@@ -9,11 +9,14 @@ import logging
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ def plot_cmc(results: dict, path: str | Path, title: str = "CMC") -> Path:
         cmc = np.asarray(res["cmc"])
         ax.plot(np.arange(1, len(cmc) + 1), cmc, marker=".", label=f"{name} (R1 {res['R1']:.1f}, mAP {res['mAP']:.1f})")
     ax.set_xlabel("rank")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("matching rate (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -103,16 +107,18 @@ def plot_tsne(embedding: np.ndarray, pids: np.ndarray, modality: np.ndarray, pat
     ax = fig.add_subplot(1, 1, 1)
     ids = sorted(set(pids.tolist()))
     colours = {p: i for i, p in enumerate(ids)}
-    cmap = __import__("matplotlib").colormaps["tab20"]
+    cmap = matplotlib.colormaps["tab10" if len(ids) <= 10 else "tab20"]
+    handles = []
     for mod, (marker, label) in MODALITY_MARKERS.items():
         m = modality == mod
         if m.any():
-            ax.scatter(embedding[m, 0], embedding[m, 1], c=[cmap(colours[p] % 20) for p in pids[m]],
-                       marker=marker, s=28, edgecolors="k", linewidths=0.3, label=label)
+            ax.scatter(embedding[m, 0], embedding[m, 1], c=[cmap(colours[p] % cmap.N) for p in pids[m]],
+                       marker=marker, s=28, edgecolors="k", linewidths=0.3)
+            handles.append(Line2D([], [], marker=marker, color="grey", linestyle="", label=label))
+    ax.legend(handles=handles, loc="best", fontsize=8)
     ax.set_title(f"{title} ({len(ids)} identities)")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.legend(loc="best", fontsize=8)
     return _save(fig, path)
 
 
