@@ -1,0 +1,88 @@
+"""Image decoding and the train / test transforms (torchvision.transforms.v2), shared by the stream and benchmarks.
+
+Train chain (MIP.md / TransReID): resize (bicubic) -> horizontal flip 0.5 -> pad 10 + random crop ->
+one of [ColorJitter(brightness .3, contrast .3), GaussianBlur(21, sigma 0.1-3)] -> float, normalise
+(mean = std = 0.5) -> RandomErasing(0.5, random values) -> RandomGrayscale(0.5).
+RandomGrayscale runs on the normalised tensor; since mean and std are equal for all three channels
+and the luma weights sum to 1 (0.9999 in torchvision), grey(normalise(x)) == normalise(grey(x)) to
+1e-4: applying it before or after normalisation is the same.
+All randomness comes from torch's generator, so seeding it per batch makes a batch reproducible.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+FAST_DECODE_EXTS = ("jpg", "jpeg", "png")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif")
+
+
+def decode_rgb(data: bytes, ext: str = "jpg") -> torch.Tensor:
+    """Image bytes -> uint8 [3, H, W]; single-channel (infrared) images are replicated to 3 channels.
+
+    Raises on corrupt or truncated data (libjpeg/libpng via torchvision, PIL for other formats)."""
+    if not data:
+        raise ValueError("empty image data")
+    if ext.lower() in FAST_DECODE_EXTS:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    with Image.open(io.BytesIO(data)) as img:
+        arr = np.array(img.convert("RGB"))
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def decode_rgb_pil(data: bytes) -> torch.Tensor:
+    """The same result through PIL only (what a torchvision ImageFolder loader does); for benchmarks."""
+    with Image.open(io.BytesIO(data)) as img:
+        arr = np.array(img.convert("RGB"))
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class RandomChannel(torch.nn.Module):
+    """Channel augmentation (CAJ-style channel exchange): with probability p, replace all three
+    channels of a visible image by one of R, G, B or its grey level, so colour cannot be relied on."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """uint8 or float [3, H, W] -> same shape and dtype."""
+        if torch.rand(()) >= self.p:
+            return img
+        choice = int(torch.randint(0, 4, ()))
+        if choice < 3:
+            return img[choice:choice + 1].expand_as(img).clone()
+        return v2.functional.rgb_to_grayscale(img, num_output_channels=3)
+
+
+def train_transform(img_size: tuple[int, int]) -> v2.Compose:
+    """The paper's training augmentation on a uint8 [3, H, W] tensor -> float32 normalised."""
+    h, w = int(img_size[0]), int(img_size[1])
+    return v2.Compose([
+        v2.Resize((h, w), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(0.5),
+        v2.Pad(10),
+        v2.RandomCrop((h, w)),
+        v2.RandomChoice([v2.ColorJitter(brightness=0.3, contrast=0.3), v2.GaussianBlur(21, sigma=(0.1, 3.0))]),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(MEAN, STD),
+        v2.RandomErasing(0.5, value="random"),
+        v2.RandomGrayscale(0.5),
+    ])
+
+
+def eval_transform(img_size: tuple[int, int]) -> v2.Compose:
+    """Evaluation: resize (bicubic) and normalise only."""
+    h, w = int(img_size[0]), int(img_size[1])
+    return v2.Compose([
+        v2.Resize((h, w), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(MEAN, STD),
+    ])

@@ -1,0 +1,65 @@
+"""Decoding and transforms: infrared to 3 channels, the grayscale/normalise order claim, channel augmentation."""
+import io
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from mip_dist.data.transforms import (MEAN, STD, RandomChannel, decode_rgb, decode_rgb_pil, eval_transform,
+                                      train_transform)
+
+
+def _encode(mode: str, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    bands = [Image.effect_noise((24, 40), 40 + 10 * i) for i in range(3)]
+    (Image.merge("RGB", bands) if mode == "RGB" else bands[0]).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, ext", [("JPEG", "jpg"), ("PNG", "png"), ("BMP", "bmp")])
+def test_single_channel_images_become_three_equal_channels(fmt, ext):
+    img = decode_rgb(_encode("L", fmt), ext)
+    assert img.shape == (3, 40, 24) and img.dtype == torch.uint8
+    assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
+    data = _encode("RGB", fmt)
+    rgb = decode_rgb(data, ext)
+    # the fast (torchvision) and the PIL decoder agree: exactly for lossless formats, to IDCT rounding for JPEG
+    assert (rgb.int() - decode_rgb_pil(data).int()).abs().max() <= (0 if fmt != "JPEG" else 2)
+
+
+def test_corrupt_bytes_raise():
+    for data in (b"", b"\xff\xd8\xff\xe0garbage", _encode("RGB", "JPEG")[:50]):
+        with pytest.raises(Exception):
+            decode_rgb(data, "jpg")
+
+
+def test_grayscale_commutes_with_the_equal_mean_std_normalisation():
+    """Mean = std for every channel: grey before or after normalising is the same image, up to 1e-4
+    (torchvision's luma weights 0.2989 + 0.587 + 0.114 sum to 0.9999)."""
+    x = torch.rand(4, 3, 16, 8)
+    norm = v2.Normalize(MEAN, STD)
+    gray = v2.Grayscale(num_output_channels=3)
+    assert torch.allclose(gray(norm(x)), norm(gray(x)), atol=2e-4)
+    assert not torch.allclose(gray(norm(x)), norm(x), atol=1e-2)
+
+
+def test_train_and_eval_transforms():
+    img = decode_rgb(_encode("RGB", "JPEG"), "jpg")
+    torch.manual_seed(0)
+    a = train_transform((64, 32))(img)
+    assert a.shape == (3, 64, 32) and a.dtype == torch.float32
+    torch.manual_seed(0)
+    assert torch.equal(a, train_transform((64, 32))(img))  # all randomness from torch's generator
+    e = eval_transform((64, 32))
+    assert torch.equal(e(img), e(img)) and e(img).abs().max() <= 1.0
+
+
+def test_random_channel_replaces_colour():
+    img = decode_rgb(_encode("RGB", "PNG"), "png")
+    assert not torch.equal(img[0], img[1])
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = RandomChannel(p=1.0)(img)
+        assert out.shape == img.shape and torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    assert torch.equal(RandomChannel(p=0.0)(img), img)

@@ -1,0 +1,281 @@
+"""Streaming PK batches: composition, equal counts per rank, coverage, determinism, resume, bad data, URLs."""
+import collections
+import functools
+import http.server
+import io
+import json
+import logging
+import shutil
+import tarfile
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mip_dist.config import DataConfig
+from mip_dist.data.records import INFRARED, VISIBLE
+from mip_dist.data.shards import read_index, shard_urls, write_shards
+from mip_dist.data.stream import (DataError, build_test_loader, build_train_stream, iter_slot_samples,
+                                  slot_shards)
+from mip_dist.data.synthetic import generate_synthetic
+
+P, K = 3, 2
+B = P * 2 * K
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """12 train ids x 6 cameras x 3 images (216 samples) in 6 uneven train shards; 4 test ids."""
+    base = tmp_path_factory.mktemp("stream")
+    root = generate_synthetic(str(base / "syn"), num_train_ids=12, num_test_ids=4, images_per_camera=3,
+                              img_size=(64, 32), seed=1, workers=2)
+    write_shards("synthetic", str(root), str(base / "shards"), max_shard_samples=37, workers=2, progress=False)
+    return base / "shards"
+
+
+def cfg(shards: Path, **kw) -> DataConfig:
+    base = dict(shards=str(shards), batch_size=B, num_instances=K, img_size=(64, 32), workers=0,
+                buffer_size=48, max_error_rate=0.01)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def check_pk_batch(batch: dict, num_classes: int) -> None:
+    """Every invariant of a cross-modality PK batch."""
+    assert set(batch) == {"images", "pid", "camera", "modality"}
+    assert batch["images"].shape == (B, 3, 64, 32) and batch["images"].dtype == torch.float32
+    assert torch.isfinite(batch["images"]).all()
+    for k in ("pid", "camera", "modality"):
+        assert batch[k].shape == (B,) and batch[k].dtype == torch.int64
+    mod, pid, cam = batch["modality"].tolist(), batch["pid"].tolist(), batch["camera"].tolist()
+    assert mod == [VISIBLE] * (B // 2) + [INFRARED] * (B // 2)
+    vis_ids = [pid[i * K] for i in range(P)]
+    ir_ids = [pid[B // 2 + i * K] for i in range(P)]
+    assert vis_ids == ir_ids and len(set(vis_ids)) == P
+    for half in (0, B // 2):
+        for i in range(P):
+            assert pid[half + i * K: half + (i + 1) * K] == [vis_ids[i]] * K
+    assert all(0 <= p < num_classes for p in pid)
+    for m, c in zip(mod, cam):  # 0-based: SYSU cam3 / cam6 (infrared) are 2 / 5
+        assert (c in (2, 5)) == (m == INFRARED) and 0 <= c <= 5
+
+
+def test_pk_composition_on_every_batch(shards):
+    stream = build_train_stream(cfg(shards), seed=0, rank=0, world_size=1)
+    assert stream.steps_per_epoch == 216 // B
+    n = 0
+    for batch in stream:
+        check_pk_batch(batch, 12)
+        n += 1
+    assert n == stream.steps_per_epoch and stream.error_count == 0
+    assert stream.state_dict()["epoch"] == 1 and stream.state_dict()["batches"] == 0
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_equal_batch_counts_two_ranks_two_workers_uneven_shards(shards, resampled):
+    sizes = [s["count"] for s in read_index(str(shards))["shards"] if s["split"] == "train"]
+    assert len(set(sizes)) > 1  # uneven shards
+    counts = []
+    for rank in (0, 1):
+        stream = build_train_stream(cfg(shards, workers=2, resampled=resampled), seed=3, rank=rank, world_size=2)
+        assert stream.steps_per_epoch == 216 // (B * 2)
+        got = 0
+        for batch in stream:
+            check_pk_batch(batch, 12)
+            got += 1
+        counts.append(got)
+    assert counts == [216 // (B * 2)] * 2
+
+
+def test_one_non_resampled_pass_reads_every_sample_once_across_ranks(shards):
+    urls = shard_urls(str(shards), "train")
+    all_keys = []
+    for rank in (0, 1):
+        for worker in (0, 1):
+            all_keys += [s.key for s in iter_slot_samples(urls, seed=5, epoch=2, rank=rank, world_size=2,
+                                                          worker=worker, num_workers=2)]
+    counts = collections.Counter(all_keys)
+    assert len(counts) == 216 and set(counts.values()) == {1}
+    # fewer shards than slots: every slot still gets a shard, every shard is read
+    few = urls[:3]
+    dealt = [slot_shards(few, seed=5, epoch=0, pass_index=0, rank=r, world_size=2, worker=w, num_workers=2)
+             for r in (0, 1) for w in (0, 1)]
+    assert all(dealt) and set(sum(dealt, [])) == set(few)
+    # the deal changes with the epoch (shuffled shard order), identically on every rank
+    e0 = slot_shards(urls, seed=5, epoch=0, pass_index=0, rank=0, world_size=2, worker=0, num_workers=2)
+    e1 = [slot_shards(urls, seed=5, epoch=e, pass_index=0, rank=0, world_size=2, worker=0, num_workers=2)
+          for e in range(1, 6)]
+    assert any(x != e0 for x in e1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_test_loader_ranks_get_disjoint_complete_shares(shards, workers):
+    index = read_index(str(shards))
+    expected = {t["key"]: t for t in index["test_records"]}
+    seen: dict[str, int] = {}
+    for rank in (0, 1):
+        loader = build_test_loader(cfg(shards, workers=workers), rank=rank, world_size=2, batch_size=16)
+        keys = []
+        for batch in loader:
+            assert batch["images"].shape[1:] == (3, 64, 32)
+            assert len(batch["key"]) == batch["pid"].shape[0] == batch["camera"].shape[0]
+            for k, p, c, m in zip(batch["key"], batch["pid"].tolist(), batch["camera"].tolist(),
+                                  batch["modality"].tolist()):
+                assert (p, c, m) == (expected[k]["pid"], expected[k]["camera"], expected[k]["modality"])
+                keys.append(k)
+        assert len(keys) == loader.num_samples
+        again = [k for b in loader for k in b["key"]]
+        assert again == keys  # deterministic order
+        for k in keys:
+            assert k not in seen
+            seen[k] = rank
+    assert set(seen) == set(expected)
+
+
+def _batches(stream, n=None):
+    out = []
+    for b in stream:
+        out.append(b)
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_deterministic_per_seed_and_epoch(shards):
+    c = cfg(shards, workers=2, steps_per_epoch=4)
+    a = _batches(build_train_stream(c, seed=7, rank=1, world_size=2))
+    b = _batches(build_train_stream(c, seed=7, rank=1, world_size=2))
+    assert _same(a, b)
+    other_seed = _batches(build_train_stream(c, seed=8, rank=1, world_size=2))
+    other_rank = _batches(build_train_stream(c, seed=7, rank=0, world_size=2))
+    s = build_train_stream(c, seed=7, rank=1, world_size=2)
+    s.set_epoch(1)
+    other_epoch = _batches(s)
+    for other in (other_seed, other_rank, other_epoch):
+        assert not _same(a, other)
+
+
+@pytest.mark.parametrize("consumed", [3, 4])
+def test_restore_continues_with_the_batches_of_an_uninterrupted_run(shards, consumed):
+    c = cfg(shards, workers=2, steps_per_epoch=7)
+    ref = build_train_stream(c, seed=11, rank=0, world_size=1)
+    epoch0 = _batches(ref)
+    epoch1 = _batches(ref)  # the stream moves on to epoch 1 by itself
+    first = build_train_stream(c, seed=11, rank=0, world_size=1)
+    assert _same(_batches(first, consumed), epoch0[:consumed])
+    state = first.state_dict()
+    assert (state["epoch"], state["batches"]) == (0, consumed)
+    resumed = build_train_stream(c, seed=11, rank=0, world_size=1)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON checkpoint
+    resumed.set_epoch(0)  # a trainer re-selecting the restored epoch keeps the position
+    assert _same(_batches(resumed), epoch0[consumed:])
+    assert resumed.state_dict()["epoch"] == 1
+    assert _same(_batches(resumed), epoch1)
+
+
+def _rewrite_tar(path: Path, corrupt_every: int) -> int:
+    """Replace the image of every `corrupt_every`-th sample with garbage; returns how many."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    n = 0
+    with tarfile.open(path, "w") as out:
+        for i, (m, data) in enumerate(members):
+            if m.name.endswith(".jpg") and (i // 2) % corrupt_every == 0:
+                data, n = b"\xff\xd8\xff\xe0 broken", n + 1
+            m.size = len(data)
+            out.addfile(m, io.BytesIO(data))
+    return n
+
+
+def test_corrupt_images_and_truncated_tar_are_counted_and_skipped(shards, tmp_path, caplog):
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    names = [s["name"] for s in read_index(str(bad))["shards"] if s["split"] == "train"]
+    assert _rewrite_tar(bad / names[0], corrupt_every=2) > 5
+    tail = bad / names[1]
+    tail.write_bytes(tail.read_bytes()[: tail.stat().st_size // 3])  # truncated mid-sample
+    c = cfg(bad, max_error_rate=0.5, steps_per_epoch=25)
+    stream = build_train_stream(c, seed=0, rank=0, world_size=1)
+    with caplog.at_level(logging.WARNING, logger="mip_dist.data.stream"):
+        for batch in stream:
+            check_pk_batch(batch, 12)
+    assert stream.error_count >= 3
+    assert f"read error in shard {tail}" in caplog.text
+    assert f"decode error in shard {bad / names[0]} at sample" in caplog.text
+    strict = build_train_stream(replace(c, max_error_rate=0.0), seed=0, rank=0, world_size=1)
+    with pytest.raises(DataError, match=r"exceed data\.max_error_rate=0\.0"):
+        _batches(strict)
+
+
+def test_pipe_urls_refused_unless_allowed(shards):
+    first = shard_urls(str(shards), "train")[0]
+    c = cfg("", train_urls=f"pipe:cat {first}", steps_per_epoch=1, buffer_size=24)
+    with pytest.raises(DataError, match=r"pipe:.*data\.allow_pipe=true"):
+        build_train_stream(c, seed=0, rank=0, world_size=1)
+    stream = build_train_stream(replace(c, allow_pipe=True), seed=0, rank=0, world_size=1)
+    batches = _batches(stream)
+    assert len(batches) == 1
+    check_pk_batch(batches[0], 12)
+
+
+def test_url_checks(shards, tmp_path):
+    with pytest.raises(DataError, match=r"unsupported URL scheme 's3'"):
+        build_train_stream(cfg("", train_urls="s3://bucket/a.tar", steps_per_epoch=1), seed=0, rank=0, world_size=1)
+    with pytest.raises(DataError, match=r"shard .*missing-000000\.tar does not exist"):
+        build_train_stream(cfg("", train_urls=str(tmp_path / "missing-{000000..000001}.tar"), steps_per_epoch=1),
+                           seed=0, rank=0, world_size=1)
+    empty = tmp_path / "x.tar"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="data.steps_per_epoch must be set"):
+        build_train_stream(cfg("", train_urls=str(empty)), seed=0, rank=0, world_size=1)
+    with pytest.raises(Exception, match=r"no index\.json"):
+        build_train_stream(cfg(tmp_path), seed=0, rank=0, world_size=1)
+
+
+def test_brace_pattern_over_http(shards):
+    if shutil.which("curl") is None:
+        pytest.skip("webdataset reads http(s) URLs through curl")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/train-{{000000..000005}}.tar"
+        stream = build_train_stream(cfg("", train_urls=url, steps_per_epoch=2), seed=0, rank=0, world_size=1)
+        assert len(stream.spec.urls) == 6
+        batches = _batches(stream)
+        assert len(batches) == 2
+        for b in batches:
+            check_pk_batch(b, 12)
+    finally:
+        server.shutdown()
+
+
+def test_impossible_batch_is_a_clear_error_not_a_hang(shards, tmp_path):
+    """A shard with visible images only: no identity can ever fill its infrared half."""
+    src = shard_urls(str(shards), "train")[0]
+    only_vis = tmp_path / "vis-000000.tar"
+    with tarfile.open(src) as tar, tarfile.open(only_vis, "w") as out:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        keep = {m.name.split(".")[0] for m, d in members if m.name.endswith(".json") and json.loads(d)["modality"] == 1}
+        for m, d in members:
+            if m.name.split(".")[0] in keep:
+                out.addfile(m, io.BytesIO(d))
+    stream = build_train_stream(cfg("", train_urls=str(only_vis), steps_per_epoch=1), seed=0, rank=0, world_size=1)
+    with pytest.raises(DataError, match="cannot form a batch of 3 identities with both modalities"):
+        _batches(stream)
+    with pytest.raises(DataError, match="needs 26 identities per batch, but the training set has only 12"):
+        build_train_stream(cfg(shards, batch_size=4 * 26, num_instances=2), seed=0, rank=0, world_size=1)
+
+
+def test_channel_augmentation_option(shards):
+    stream = build_train_stream(cfg(shards, channel_aug=True, steps_per_epoch=2), seed=0, rank=0, world_size=1)
+    for batch in stream:
+        check_pk_batch(batch, 12)
