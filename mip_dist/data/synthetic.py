@@ -30,7 +30,7 @@ from PIL import Image, ImageFilter
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER = ".synthetic.json"
 LAYOUTS = ("sysu", "regdb")
 
@@ -164,7 +164,8 @@ def _capsule(u: np.ndarray, v: np.ndarray, a: tuple[float, float], b: tuple[floa
 
 
 def _weave(material: str, u: np.ndarray, v: np.ndarray, fuzz: np.ndarray) -> np.ndarray:
-    """Multiplicative texture of a material, in person coordinates so it scales with the body.
+    """Multiplicative texture of a material at points (u, v), in person coordinates so it scales
+    with the body.
 
     Periods are a few percent of the body height: still visible after resizing to 128x64."""
     if material == "denim":  # diagonal twill
@@ -232,35 +233,34 @@ def render(idn: Identity, style: CameraStyle, view: View, rng: np.random.Generat
     v = (yy - view.top * h) / hp
     if view.mirror:
         u = -u
-    noise = rng.standard_normal((h, w)).astype(np.float32)
     fuzz = _low_freq_noise(rng, h, w, (max(2, h // 8), max(2, w // 8)))
     ir = style.infrared
     bw = idn.build
 
-    canvas_vis = None if ir else _background_visible(style, rng, yy, xx, h, w)
-    canvas_ir = _background_infrared(style, rng, yy, xx, h, w) if ir else None
+    canvas_vis = None if ir else _background_visible(style, rng, h, w)
+    canvas_ir = _background_infrared(style, rng, yy, h, w) if ir else None
 
     def paint(mask: np.ndarray, color: tuple[float, float, float], ir_level: float,
-              tex: Optional[np.ndarray] = None, pattern: Optional[np.ndarray] = None) -> None:
-        """Paint one part in place: colour (visible) or emission (infrared), times the material weave."""
-        t = 1.0 if tex is None else tex[mask]
+              material: Optional[str] = None, pattern: Optional[np.ndarray] = None) -> None:
+        """Paint one part in place: colour (visible) or emission (infrared), times the material
+        weave (evaluated on the part's pixels only)."""
+        t = 1.0 if material is None else _weave(material, u[mask], v[mask], fuzz[mask])
         if ir:  # dyed colour and printed patterns carry no heat signature
             canvas_ir[mask] = ir_level * t
             return
-        vals = np.asarray(color, np.float32)[None, :] * (t[:, None] if tex is not None else 1.0)
-        vals = np.broadcast_to(vals, (int(mask.sum()), 3)).copy()
+        scale = t[:, None] if material is not None else 1.0
+        vals = np.broadcast_to(np.asarray(color, np.float32)[None, :] * scale, (int(mask.sum()), 3)).copy()
         if pattern is not None:
             pm = pattern[mask]
             pcol = np.asarray(idn.pattern_color, np.float32)[None, :]
-            vals[pm] = pcol * (t[pm][:, None] if tex is not None else 1.0)
+            vals[pm] = pcol * (t[pm][:, None] if material is not None else 1.0)
         canvas_vis[mask] = vals
 
     heat = idn.heat
     skin_ir = heat
     waist = 0.15 + idn.torso
     ws, ww = 0.105 * bw, 0.085 * bw  # shoulder / waist half-widths
-    upper_tex = _weave(idn.upper_material, u, v, fuzz)
-    lower_tex = _weave(idn.lower_material, u, v, fuzz)
+    upper_tex, lower_tex = idn.upper_material, idn.lower_material
     upper_ir = heat * MATERIALS[idn.upper_material]
     lower_ir = heat * MATERIALS[idn.lower_material]
 
@@ -303,7 +303,7 @@ def render(idn: Identity, style: CameraStyle, view: View, rng: np.random.Generat
     paint(torso, idn.upper_color, upper_ir, upper_tex, _pattern(idn, u, v, view.front) & torso)
 
     bag_ir = heat * MATERIALS[idn.bag_material] * 0.55  # carried, so cooler than worn cloth
-    bag_tex = _weave(idn.bag_material, u, v, fuzz)
+    bag_tex = idn.bag_material
     if idn.bag == "backpack":
         if view.front:
             for side in (-1.0, 1.0):
@@ -333,57 +333,63 @@ def render(idn: Identity, style: CameraStyle, view: View, rng: np.random.Generat
         cap = (((u / 0.055) ** 2 + ((v - 0.03) / 0.04) ** 2) < 1.0) & (v < 0.035)
         brim = (np.abs(v - 0.033) < 0.007) & (u > -0.05) & (u < (0.09 if view.front else 0.05))
         paint(cap | brim, idn.hat_color, heat * MATERIALS[idn.hat_material] * 0.8,
-              _weave(idn.hat_material, u, v, fuzz))
-    return _camera_response_infrared(canvas_ir, style, view, rng, noise) if ir else \
+              idn.hat_material)
+    return _camera_response_infrared(canvas_ir, style, view, rng) if ir else \
         _camera_response_visible(canvas_vis, style, view, rng)
 
 
-def _background_visible(style: CameraStyle, rng: np.random.Generator, yy: np.ndarray,
-                        xx: np.ndarray, h: int, w: int) -> np.ndarray:
+def _background_visible(style: CameraStyle, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Wall/sky above a floor/ground line, a few objects, smooth shading."""
-    horizon = rng.uniform(0.55, 0.8) * h
+    horizon = int(rng.uniform(0.55, 0.8) * h)
     wall = np.asarray(style.wall, np.float32) + rng.uniform(-0.05, 0.05, 3).astype(np.float32)
     floor = np.asarray(style.floor, np.float32) + rng.uniform(-0.05, 0.05, 3).astype(np.float32)
-    bg = np.where((yy < horizon)[..., None], wall[None, None], floor[None, None])
+    bg = np.empty((h, w, 3), np.float32)
+    bg[:horizon] = wall
+    bg[horizon:] = floor
     for _ in range(int(rng.integers(1, 4))):  # doors, windows, trees, pillars
         x0, x1 = sorted(rng.uniform(0, w, 2))
         y0 = rng.uniform(0, horizon * 0.6)
         col = np.clip(wall * rng.uniform(0.4, 1.4) + rng.uniform(-0.1, 0.1, 3), 0, 1).astype(np.float32)
-        box = (yy >= y0) & (yy < horizon) & (xx >= x0) & (xx < x1)
-        bg = np.where(box[..., None], col[None, None], bg)
-    shade = 1.0 + 0.12 * _low_freq_noise(rng, h, w)
-    return bg * shade[..., None]
+        bg[int(y0):horizon, int(x0):int(x1)] = col
+    bg *= (1.0 + 0.12 * _low_freq_noise(rng, h, w))[..., None]
+    return bg
 
 
-def _background_infrared(style: CameraStyle, rng: np.random.Generator, yy: np.ndarray,
-                         xx: np.ndarray, h: int, w: int) -> np.ndarray:
+def _background_infrared(style: CameraStyle, rng: np.random.Generator, yy: np.ndarray, h: int,
+                         w: int) -> np.ndarray:
     """Cool scene with a vertical gradient and, sometimes, a warm object (radiator, car)."""
     level, grad = style.wall[0], style.wall[1]
-    bg = level + grad * (yy / h - 0.5) + 0.05 * _low_freq_noise(rng, h, w)
+    bg = (level + grad * (yy / h - 0.5) + 0.05 * _low_freq_noise(rng, h, w)).astype(np.float32)
     if rng.random() < 0.4:
-        x0 = rng.uniform(0, w * 0.8)
-        y0 = rng.uniform(h * 0.3, h * 0.8)
-        box = (xx >= x0) & (xx < x0 + rng.uniform(8, 30)) & (yy >= y0) & (yy < y0 + rng.uniform(8, 40))
-        bg = np.where(box, rng.uniform(0.5, 0.75), bg)
-    return bg.astype(np.float32)
+        x0, y0 = int(rng.uniform(0, w * 0.8)), int(rng.uniform(h * 0.3, h * 0.8))
+        bw, bh = int(rng.uniform(8, 30)), int(rng.uniform(8, 40))
+        bg[y0:y0 + bh, x0:x0 + bw] = rng.uniform(0.5, 0.75)
+    return bg
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    """[0, 1] float -> uint8 with rounding, in place on x."""
+    np.clip(x, 0.0, 1.0, out=x)
+    x *= 255.0
+    x += 0.5
+    return x.astype(np.uint8)
 
 
 def _camera_response_visible(img: np.ndarray, style: CameraStyle, view: View,
                              rng: np.random.Generator) -> np.ndarray:
     """Illumination colour and level, sensor noise, 8-bit, slight optical blur."""
-    gain = np.asarray(style.gain, np.float32) * view.light
-    out = img * gain[None, None] + rng.normal(0, 0.015, img.shape).astype(np.float32)
-    out8 = (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return np.asarray(Image.fromarray(out8).filter(ImageFilter.GaussianBlur(0.6)))
+    img *= np.asarray(style.gain, np.float32) * view.light
+    img += 0.015 * rng.standard_normal(img.shape, dtype=np.float32)
+    return np.asarray(Image.fromarray(_to_uint8(img)).filter(ImageFilter.GaussianBlur(0.6)))
 
 
 def _camera_response_infrared(img: np.ndarray, style: CameraStyle, view: View,
-                              rng: np.random.Generator, noise: np.ndarray) -> np.ndarray:
-    """Thermal sensor: gain/offset, blur, fixed-pattern-like noise, single channel."""
+                              rng: np.random.Generator) -> np.ndarray:
+    """Thermal sensor: gain/offset, blur, pixel noise, single channel."""
     gain, offset, blur = style.gain
-    out = img * gain * (0.92 + 0.08 * view.light) + offset + 0.02 * noise
-    out8 = (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return np.asarray(Image.fromarray(out8, mode="L").filter(ImageFilter.GaussianBlur(blur)))
+    img *= gain * (0.92 + 0.08 * view.light)
+    img += offset + 0.02 * rng.standard_normal(img.shape, dtype=np.float32)
+    return np.asarray(Image.fromarray(_to_uint8(img), mode="L").filter(ImageFilter.GaussianBlur(blur)))
 
 
 # ----------------------------------------------------------------------------------- writing

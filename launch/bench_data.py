@@ -1,0 +1,138 @@
+"""Benchmark: decoded + augmented training images per second, shard stream vs a folder of JPEGs.
+
+Both sides run the same torchvision v2 training transforms, batch size and DataLoader worker count
+on the same synthetic SYSU-layout set (generated and sharded on first use, cached afterwards):
+- shard stream: `build_train_stream` (webdataset tars -> PK buffer -> decode -> augment);
+- folder: an ImageFolder-like map-style Dataset over the image files, shuffled DataLoader, decoding
+  with PIL as torchvision's ImageFolder does, and again with the stream's decoder (isolates I/O).
+Runs are interleaved and each is repeated; the best of the repetitions is reported, since the
+machine may be shared. The first batch of every run (worker start, buffer fill) is not timed.
+
+    python launch/bench_data.py                 # 1 and 2 workers, 256x128, batch 64
+    python launch/bench_data.py --workers 1 2 4 --batches 40
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from mip_dist.config import DataConfig  # noqa: E402
+from mip_dist.data.layouts import read_dataset  # noqa: E402
+from mip_dist.data.shards import write_shards  # noqa: E402
+from mip_dist.data.stream import build_train_stream  # noqa: E402
+from mip_dist.data.synthetic import MARKER, generate_synthetic  # noqa: E402
+from mip_dist.data.transforms import decode_rgb, decode_rgb_pil, train_transform  # noqa: E402
+
+
+class FolderDataset(Dataset):
+    """ImageFolder-like: one file read + decode + transform per item."""
+
+    def __init__(self, paths: list[str], labels: list[int], img_size: tuple[int, int],
+                 decode: Callable[[bytes, str], torch.Tensor]) -> None:
+        self.paths, self.labels, self.decode = paths, labels, decode
+        self.tf = train_transform(img_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        with open(self.paths[i], "rb") as f:
+            data = f.read()
+        return self.tf(self.decode(data, self.paths[i].rsplit(".", 1)[-1])), self.labels[i]
+
+
+def timed(batches: Iterable, n: int, batch_size: int) -> float:
+    """Images/s over batches 2..n+1 (the first batch includes start-up)."""
+    it = iter(batches)
+    next(it)
+    start = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    return n * batch_size / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generate/shard if needed, run the interleaved measurements, print the table."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "mip_bench_data"))
+    p.add_argument("--ids", type=int, default=120, help="training identities (plus 40 test)")
+    p.add_argument("--images-per-camera", type=int, default=4)
+    p.add_argument("--img-size", type=int, nargs=2, default=[256, 128])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-instances", type=int, default=4)
+    p.add_argument("--batches", type=int, default=20, help="timed batches per run")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    size = (args.img_size[0], args.img_size[1])
+
+    root = work / f"synthetic_{args.ids}_{args.images_per_camera}_{size[0]}x{size[1]}"
+    fresh = not (root / MARKER).is_file()
+    start = time.perf_counter()
+    generate_synthetic(str(root), num_train_ids=args.ids, num_test_ids=40, images_per_camera=args.images_per_camera,
+                       img_size=size, workers=min(len(os.sched_getaffinity(0)), 8))
+    gen_s = time.perf_counter() - start
+    records = [r for r in read_dataset("synthetic", str(root)) if r.split == "train"]
+    n_images = len(records) + 40 * 6 * args.images_per_camera
+    print(f"synthetic set: {n_images} images at {size[0]}x{size[1]} "
+          + (f"generated in {gen_s:.1f}s on {len(os.sched_getaffinity(0))} cores" if fresh else "(cached)"))
+    shards = work / (root.name + "_shards")
+    start = time.perf_counter()
+    index = write_shards("synthetic", str(root), str(shards), workers=2, progress=False)
+    print(f"shards: {len(index['shards'])} in {shards} ({time.perf_counter() - start:.1f}s, cached if unchanged)")
+
+    label_of = {int(k): v for k, v in index["identity_map"].items()}
+    paths, labels = [r.path for r in records], [label_of[r.pid] for r in records]
+    b = args.batch_size
+    results: dict[tuple[str, int], float] = {}
+
+    def run_stream(w: int) -> float:
+        cfg = DataConfig(shards=str(shards), batch_size=b, num_instances=args.num_instances, img_size=size,
+                         workers=w, buffer_size=1024, steps_per_epoch=args.batches + 1)
+        return timed(build_train_stream(cfg, seed=0, rank=0, world_size=1), args.batches, b)
+
+    def run_folder(w: int, decode: Callable[[bytes, str], torch.Tensor]) -> float:
+        ds = FolderDataset(paths, labels, size, decode)
+        loader = DataLoader(ds, batch_size=b, shuffle=True, num_workers=w, drop_last=True,
+                            generator=torch.Generator().manual_seed(0), persistent_workers=False)
+        return timed(loader, args.batches, b)
+
+    variants = {"shard stream": run_stream,
+                "folder, PIL decode": lambda w: run_folder(w, lambda d, e: decode_rgb_pil(d)),
+                "folder, same decoder": lambda w: run_folder(w, decode_rgb)}
+    for rep in range(args.repeats):
+        for w in args.workers:
+            for name, fn in variants.items():
+                ips = fn(w)
+                results[(name, w)] = max(results.get((name, w), 0.0), ips)
+                print(f"  rep {rep} workers {w} {name:22s} {ips:8.1f} img/s", flush=True)
+
+    print(f"\nDecoded + augmented images/s at {size[0]}x{size[1]}, batch {b}, best of {args.repeats} "
+          f"(higher is better):")
+    print(f"{'workers':>7} | {'shard stream':>12} | {'folder (PIL)':>12} | {'ratio':>5} | "
+          f"{'folder (same decoder)':>21} | {'ratio':>5}")
+    for w in args.workers:
+        s, f1, f2 = (results[("shard stream", w)], results[("folder, PIL decode", w)],
+                     results[("folder, same decoder", w)])
+        print(f"{w:>7} | {s:12.1f} | {f1:12.1f} | {s / f1:4.2f}x | {f2:21.1f} | {s / f2:4.2f}x")
+    if len(args.workers) > 1:
+        w0, w1 = args.workers[0], args.workers[-1]
+        for name in variants:
+            print(f"scaling {w0} -> {w1} workers, {name}: {results[(name, w1)] / results[(name, w0)]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
