@@ -84,6 +84,7 @@ class StepTimer:
     def reset(self) -> None:
         """Start a new logging window."""
         self.window_start = time.perf_counter()
+        self.excluded = 0.0
         self.data_wait = 0.0
         self.images = 0
         self.steps = 0
@@ -94,10 +95,14 @@ class StepTimer:
         self.images += images
         self.steps += optimizer_steps
 
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent outside training (checkpoints, evaluation) out of the throughput."""
+        self.excluded += seconds
+
     def window(self, world_size: int, steps_left: int) -> dict[str, float]:
         """Throughput of the window ending now, and the ETA from the mean step time so far."""
         now = time.perf_counter()
-        elapsed = max(now - self.window_start, 1e-9)
+        elapsed = max(now - self.window_start - self.excluded, 1e-9)
         self.steps_done += self.steps
         self.seconds_done += elapsed
         per_step = self.seconds_done / max(1, self.steps_done)

@@ -8,6 +8,7 @@ import logging
 import math
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mip_dist.config import Config, from_dict, save_config, to_dict
 
@@ -221,7 +223,11 @@ class Trainer:
         """Collective checkpoint of the current step (skipped if this step is already saved)."""
         if self.checkpointer.last_saved_step == self.step:
             return self.checkpointer.dir / ckpt.tag_for(self.step)
-        return self.checkpointer.save(self.engine, self.step, self._client_state())
+        t0 = time.perf_counter()
+        tag = self.checkpointer.save(self.engine, self.step, self._client_state())
+        if getattr(self, "timer", None) is not None:
+            self.timer.exclude(time.perf_counter() - t0)
+        return tag
 
     # ------------------------------------------------------------------------------------------ loop
 
@@ -234,16 +240,17 @@ class Trainer:
             return {**json.loads((self.run_dir / FINISHED).read_text()), "status": "already_finished"}
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         self.timer = StepTimer()
-        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
-                        desc="train")
+        self.bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True, desc="train",
+                        disable=not (self.is_main and sys.stderr.isatty()))  # log lines only when not a terminal
         self.window: dict[str, list[float]] = {}
         status = "finished"
         try:
-            while self.epoch < self.cfg.train.epochs:
-                if not self._train_epoch():
-                    status = "interrupted"
-                    break
-                self._end_epoch()
+            with logging_redirect_tqdm():
+                while self.epoch < self.cfg.train.epochs:
+                    if not self._train_epoch():
+                        status = "interrupted"
+                        break
+                    self._end_epoch()
         finally:
             self.bar.close()
             if previous is not None:
@@ -267,7 +274,8 @@ class Trainer:
         while self.micro_in_epoch < self.micro_per_epoch:
             t0 = time.perf_counter()
             try:
-                batch = next(batches)
+                with torch.random.fork_rng(devices=[]):  # loader start-up draws from the global RNG: keep
+                    batch = next(batches)                # the training RNG independent of it (exact resume)
             except StopIteration:
                 raise RuntimeError(f"the train stream ended after {self.micro_in_epoch} of "
                                    f"{self.micro_per_epoch} batches in epoch {self.epoch}") from None
@@ -425,6 +433,7 @@ class Trainer:
             if self.is_main:
                 log.warning("evaluation skipped: evaluator unavailable (%s)", exc)
             return {}
+        t0 = time.perf_counter()
         state = self._consolidated()
         metrics: dict[str, float] = {}
         if self.is_main:
@@ -450,6 +459,8 @@ class Trainer:
                 log.info("new best %s = %.4f at epoch %d", self.cfg.train.best_metric, value, self.epoch)
         if self.is_main:
             log.info("eval epoch %d: %s", self.epoch, " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        if getattr(self, "timer", None) is not None:
+            self.timer.exclude(time.perf_counter() - t0)
         return metrics
 
     def _finish(self) -> None:
