@@ -224,6 +224,14 @@ def test_pipe_urls_refused_unless_allowed(shards):
     check_pk_batch(batches[0], 12)
 
 
+def test_local_brace_pattern_uses_the_index_beside_it(shards):
+    stream = build_train_stream(cfg("", train_urls=str(shards / "train-{000000..000001}.tar")), seed=0, rank=0,
+                                world_size=1)
+    assert len(stream.spec.urls) == 2 and stream.num_classes == 12
+    assert stream.steps_per_epoch == (37 + 37) // B  # the two selected shards, not the whole set
+    assert len(_batches(stream, 2)) == 2
+
+
 def test_url_checks(shards, tmp_path):
     with pytest.raises(DataError, match=r"unsupported URL scheme 's3'"):
         build_train_stream(cfg("", train_urls="s3://bucket/a.tar", steps_per_epoch=1), seed=0, rank=0, world_size=1)

@@ -1,6 +1,7 @@
 """Stream webdataset shards into cross-modality PK batches, identically sized on every rank.
 
-Layout of the work (open_clip style, made exact):
+Layout of the work (open_clip style, made exact; `slot_shards` is the node *and* worker splitter,
+so webdataset's own splitters, which refuse world_size > 1 unless set explicitly, are not involved):
 - Every (rank, DataLoader worker) pair is a *slot*. Per epoch and pass, the shard list is permuted
   with a seed shared by all ranks and dealt to the slots (slot s gets shards s, s+S, ...), so in one
   non-resampled pass every shard is read by exactly one slot. A slot that runs out starts its next
@@ -517,12 +518,13 @@ def build_train_stream(data_cfg: DataConfig, *, seed: int, rank: int, world_size
     """The training stream of one rank (data.train_urls, else the train shards in data.shards)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank {rank} / world_size {world_size} is not a valid process position")
-    urls, index, _ = resolve_train_urls(data_cfg)
+    urls, index, counts = resolve_train_urls(data_cfg)
     b = data_cfg.batch_size
     if data_cfg.steps_per_epoch > 0:
         steps = data_cfg.steps_per_epoch
-    elif index is not None:
-        steps = max(1, index["counts"]["train"]["total"] // (b * world_size))
+    elif index is not None:  # the selected shards' samples when the index knows them all
+        total = sum(counts.values()) if counts and len(counts) == len(urls) else index["counts"]["train"]["total"]
+        steps = max(1, total // (b * world_size))
     else:
         raise DataError("data.steps_per_epoch must be set when data.train_urls has no index.json beside it")
     num_ids = data_cfg.num_identities
