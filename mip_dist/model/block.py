@@ -21,8 +21,9 @@ class PromptedBlock(Block):
     """
 
     @property
-    def heads(self) -> int:
-        return self.attn.num_heads
+    def attn_dim(self) -> int:
+        """Width of the concatenated heads (older timm Attention lacks `attn_dim`)."""
+        return getattr(self.attn, "attn_dim", self.attn.num_heads * self.attn.head_dim)
 
     def _split(self, t: Tensor, parts: int) -> tuple[Tensor, ...]:
         """[B, N, parts*H*D] -> `parts` tensors [B, H, N, D]."""
@@ -37,7 +38,7 @@ class PromptedBlock(Block):
 
     def kv_heads(self, x_norm: Tensor) -> tuple[Tensor, Tensor]:
         """k, v [B, H, P, D] only (no query rows), from the k/v slices of the qkv weight."""
-        d = self.attn.attn_dim
+        d = self.attn_dim
         bias = self.attn.qkv.bias[d:] if self.attn.qkv.bias is not None else None
         k, v = self._split(F.linear(x_norm, self.attn.qkv.weight[d:], bias), 2)
         return self.attn.k_norm(k), v
@@ -45,8 +46,9 @@ class PromptedBlock(Block):
     def finish(self, residual: Tensor, o: Tensor) -> Tensor:
         """Output projection, residuals and MLP for the query rows; `residual` may broadcast over the batch."""
         B, _, N, _ = o.shape
-        o = o.transpose(1, 2).reshape(B, N, self.attn.attn_dim)
-        o = self.attn.proj_drop(self.attn.proj(self.attn.norm(o)))
+        o = o.transpose(1, 2).reshape(B, N, self.attn_dim)
+        norm = getattr(self.attn, "norm", None)  # timm's optional scale-norm (absent in older timm)
+        o = self.attn.proj_drop(self.attn.proj(norm(o) if norm is not None else o))
         x = residual + self.drop_path1(self.ls1(o))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -60,7 +62,7 @@ class PromptedBlock(Block):
         deterministic: bool = False,
     ) -> Tensor:
         """Exact compute: x [B, N, C] attends to [bank[bank_index] | inst | x]; bank [M, Pm, C], inst [B, Pi, C]."""
-        if self.attn.gate is not None:
+        if getattr(self.attn, "gate", None) is not None:
             raise NotImplementedError("gated attention is not supported by the prompted forward")
         q, k, v = self.qkv_heads(self.norm1(x))
         bank_k = bank_v = inst_k = inst_v = None

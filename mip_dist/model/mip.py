@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm, trunc_normal_
@@ -106,7 +105,7 @@ class MIP(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, C))
         self.sie_embed = nn.Parameter(torch.zeros(num_cameras, 1, C)) if cfg.sie else None
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        dpr = np.linspace(0.0, cfg.drop_path, cfg.depth).tolist()
+        dpr = torch.linspace(0.0, cfg.drop_path, cfg.depth).tolist()  # stochastic depth rule
         n_blocks = cfg.depth - 1 if cfg.jpm else cfg.depth
         self.blocks = nn.ModuleList([_make_block(cfg, dpr[i]) for i in range(n_blocks)])
         if cfg.jpm:
