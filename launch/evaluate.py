@@ -11,7 +11,6 @@ every rank extracts a share of the test set and rank 0 writes the outputs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -111,21 +110,6 @@ def build_and_load(cfg: Config, blob: dict, index: dict, ckpt_path: str) -> torc
     return model
 
 
-def format_table(results: dict) -> str:
-    """Setting | R1 | R10 | R20 | mAP | mINP, each 'mean ± std' when there were several trials."""
-    cols = ("R1", "R10", "R20", "mAP", "mINP")
-    rows = []
-    for name, res in results.items():
-        if not isinstance(res, dict):
-            continue
-        cells = [f"{res[c]:6.2f} ± {res[c + '_std']:4.2f}" if res["trials"] > 1 else f"{res[c]:6.2f}" for c in cols]
-        rows.append([name, str(res["trials"])] + cells)
-    head = ["setting", "trials", *cols]
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(head), "-" * len(line(head))] + [line(r) for r in rows])
-
-
 def _init_process_group(device_pref: str, local_rank: int) -> tuple[int, int, torch.device]:
     """(rank, world, device): a process group only when a launcher started several ranks."""
     from mip_dist.engine.distributed import init_distributed, resolve_device
@@ -170,7 +154,7 @@ def visualize(model: torch.nn.Module, cfg: Config, index: dict, feats: torch.Ten
 def run(args: argparse.Namespace) -> dict:
     """Everything after argument parsing; raises EvalError / ConfigError / ProtocolError for user mistakes."""
     from mip_dist.engine.evaluator import default_dtype, evaluate_features, extract_features
-    from mip_dist.eval.visualize import plot_cmc
+    from mip_dist.eval.report import format_table, write_results
 
     blob = load_checkpoint(args.checkpoint)
     cfg = resolve_config(args.config, args.overrides, blob, args.checkpoint)
@@ -205,9 +189,8 @@ def run(args: argparse.Namespace) -> dict:
             "regdb_split": index.get("regdb_split"), "protocols": cfg.eval.protocols, "flip": cfg.eval.flip,
             "rerank": cfg.eval.rerank, "device": str(device), "world_size": world, "num_test_images": len(keys),
             "seconds": round(time.perf_counter() - t0, 2)}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(format_table(results))
-    written = [out / "results.json", plot_cmc(results, out / "cmc.png", title=f"CMC - {index.get('dataset')}")]
+    written = write_results(results, out, meta, title=f"CMC - {index.get('dataset')}")
     if args.visualize:
         written += visualize(model, cfg, index, feats, keys, out, device)
     print("\n".join(f"wrote {p}" for p in written))

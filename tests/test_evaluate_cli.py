@@ -95,12 +95,28 @@ def _fake_results():
 
 
 def test_table_and_cmc_plot(tmp_path):
-    table = cli.format_table(_fake_results())
+    from mip_dist.eval.report import format_table
+
+    table = format_table(_fake_results())
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["setting", "trials", "R1"] and len(lines) == 4
     assert "40.00 ± 1.50" in lines[2] and "±" not in lines[3]  # std only with several trials
     path = vis.plot_cmc(_fake_results(), tmp_path / "cmc.png")
     assert path.read_bytes()[:8] == PNG
+
+
+def test_loss_curve_from_metrics_jsonl(tmp_path):
+    from mip_dist.eval.report import plot_loss_curve
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 1, "loss": 3.0, "id": 2.0, "triplet": 1.0, "lr": 0.1},
+        {"kind": "eval", "all_single/mAP": 10.0},
+        {"step": 2, "loss": 2.5, "id": 1.7, "triplet": 0.8, "lr": 0.1}]) + "\n")
+    assert plot_loss_curve(log, tmp_path / "loss.png").read_bytes()[:8] == PNG
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"kind": "eval"}) + "\n")
+    with pytest.raises(ValueError, match="no training loss"):
+        plot_loss_curve(tmp_path / "empty.jsonl", tmp_path / "none.png")
 
 
 def _batches(n_ids=6, per=4, size=(128, 64)):
