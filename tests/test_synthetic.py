@@ -117,7 +117,7 @@ def test_identities_match_across_modalities_far_above_chance(tmp_path):
     # true matches sit well above the middle of the ranked gallery (chance: 0.5)
     order = np.argsort(-sim, axis=1)
     match_pos = np.nonzero(pid[~ir][order] == pid[ir][:, None])[1]
-    assert 1.0 - match_pos.mean() / sim.shape[1] > 0.57
+    assert 1.0 - match_pos.mean() / sim.shape[1] > 0.6
     # control: the same ranking scored against shuffled identities is at chance level
     shuffled = np.random.default_rng(0).permutation(pid[~ir])
     assert np.mean(shuffled[sim.argmax(1)] == pid[ir]) < 2 * chance

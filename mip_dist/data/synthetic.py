@@ -7,8 +7,9 @@ Each identity has a body (height, build), hair, upper and lower garments (colour
 leg length, MATERIAL), optional hat and bag, and a body heat. Visible cameras paint colours under a
 per-camera illumination and background; infrared cameras paint a single-channel thermal image whose
 brightness is body heat times the garment material's emission: the same material looks the same in
-infrared whatever its colour, while its weave (denim diagonals, quilting, wool fuzz, leather sheen)
-and the silhouette are visible in both modalities. Rendering is vectorised numpy on coordinate grids;
+infrared whatever its colour, while its weave (denim diagonals, quilting, wool fuzz, leather sheen),
+the geometry of printed patterns (an ink layer that emits a little less, whatever its colour) and
+the silhouette are visible in both modalities. Rendering is vectorised numpy on coordinate grids;
 identities are rendered in parallel; everything is seeded by (seed, pid, camera, image index).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from PIL import Image, ImageFilter
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 MARKER = ".synthetic.json"
 LAYOUTS = ("sysu", "regdb")
 
@@ -39,6 +40,7 @@ MATERIALS: dict[str, float] = {
     "linen": 0.95, "cotton": 0.80, "denim": 0.66, "wool": 0.54, "nylon": 0.40, "leather": 0.26,
 }
 MATERIAL_NAMES = tuple(MATERIALS)
+INK_EMISSION = 0.8  # printed patterns (stripes, checks, logo): an ink layer emitting less than the cloth
 PATTERNS = ("plain", "hstripes", "vstripes", "checks", "logo")
 LOWER_TYPES = ("trousers", "shorts", "skirt")
 BAGS = ("none", "backpack", "shoulder")
@@ -182,7 +184,8 @@ def _weave(material: str, u: np.ndarray, v: np.ndarray, fuzz: np.ndarray) -> np.
 
 
 def _pattern(idn: Identity, u: np.ndarray, v: np.ndarray, front: bool) -> np.ndarray:
-    """Where the upper garment shows its printed (dyed) pattern colour; printing has no heat signature."""
+    """Where the upper garment shows its print: pattern colour in visible light, a slightly cooler
+    ink layer (INK_EMISSION, the same for every ink colour) in infrared."""
     p = idn.pattern_period
     if idn.upper_pattern == "hstripes":
         return np.mod(v, p) < p / 2
@@ -245,8 +248,11 @@ def render(idn: Identity, style: CameraStyle, view: View, rng: np.random.Generat
         """Paint one part in place: colour (visible) or emission (infrared), times the material
         weave (evaluated on the part's pixels only)."""
         t = 1.0 if material is None else _weave(material, u[mask], v[mask], fuzz[mask])
-        if ir:  # dyed colour and printed patterns carry no heat signature
-            canvas_ir[mask] = ir_level * t
+        if ir:  # colour carries no heat signature; the print's ink layer does, whatever its colour
+            vals = ir_level * np.broadcast_to(t, (int(mask.sum()),)).astype(np.float32)
+            if pattern is not None:
+                vals[pattern[mask]] *= INK_EMISSION
+            canvas_ir[mask] = vals
             return
         scale = t[:, None] if material is not None else 1.0
         vals = np.broadcast_to(np.asarray(color, np.float32)[None, :] * scale, (int(mask.sum()), 3)).copy()
