@@ -76,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(cfg.train.device, args.local_rank)
     try:
         summary = Trainer(cfg, env, resume=args.resume).fit()
-    except RunDirError as exc:
+    except RunDirError as exc:  # raised on every rank alike
+        shutdown(wait=False)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except TrainingDiverged as exc:
+    except TrainingDiverged as exc:  # agreed by every rank
+        shutdown(wait=False)
         print(f"error: training diverged: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     shutdown()

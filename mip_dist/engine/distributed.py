@@ -116,8 +116,9 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def shutdown() -> None:
-    """Destroy the process group so the process exits cleanly."""
+def shutdown(wait: bool = True) -> None:
+    """Destroy the process group so the process exits cleanly (gloo aborts at exit otherwise)."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

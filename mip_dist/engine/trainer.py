@@ -299,6 +299,7 @@ class Trainer:
         camera = batch["camera"].to(self.device, non_blocking=True)
         modality = batch["modality"].to(self.device, non_blocking=True)
 
+        running_stats = [(b, b.detach().clone()) for b in self.engine.module.buffers()]  # BN stats
         out = self.engine(images, modality, camera)
         loss, parts = self.loss_fn(to_float32(self.engine.module.unpack(out)), pids, modality, self.epoch)
 
@@ -309,7 +310,9 @@ class Trainer:
         all_reduce_sum(stats)  # one collective: mean losses, "any rank non-finite", "any rank stopping"
         bad, stop = stats[-2].item() > 0, stats[-1].item() > 0
         world = self.env.world_size
-        if bad:
+        if bad:  # leave no trace: undo the forward's BatchNorm statistics, skip backward and step
+            for buf, saved in running_stats:
+                buf.copy_(saved)
             self.timer.add(data_wait, images.shape[0], 0)
             return self._skip_bad_step(), stop
 
@@ -372,8 +375,8 @@ class Trainer:
         if step % self.cfg.train.log_every == 0 or step == self.total_steps:
             self._log_window()
         every = self.cfg.train.ckpt_every_steps
-        if every > 0 and step % every == 0:
-            self.save()
+        if every > 0 and step % every == 0 and self.micro_in_epoch < self.micro_per_epoch:
+            self.save()  # (an epoch's last step is saved by _end_epoch, positioned at the next epoch)
 
     def _log_window(self) -> None:
         """Means of the window's values, LR, throughput, data wait and ETA to metrics.jsonl/TensorBoard."""
