@@ -25,6 +25,25 @@ MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
+# Only builtins of triton.language are called (tl.full, tl.reduce, ...), never its @jit helpers
+# (tl.zeros, tl.max, tl.sum): those are compiled-or-interpreted according to TRITON_INTERPRET when
+# `triton` was first imported, which would break the interpreted copy of this module otherwise.
+# The combine functions are triton's own, so the interpreter takes its vectorised numpy path for
+# them (it recognises them by identity); own fallbacks in case a triton release renames them.
+@triton.jit
+def _own_max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _own_add_combine(a, b):
+    return a + b
+
+
+_max_combine = getattr(tl.standard, "_elementwise_max", _own_max_combine)
+_add_combine = getattr(tl.standard, "_sum_combine", _own_add_combine)
+
+
 @triton.jit
 def _fwd_group(acc, l_i, m_i, q, K, V, skn, skd, svn, svd, L, qk_scale,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
@@ -42,10 +61,10 @@ def _fwd_group(acc, l_i, m_i, q, K, V, skn, skd, svn, svd, L, qk_scale,
             v = v.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, _add_combine)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -75,8 +94,8 @@ def _fwd_kernel(Q, K, V, BK, BV, BIDX, IK, IV, O, LSE,
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
 
     entry = tl.load(BIDX + b).to(tl.int64)
     acc, l_i, m_i = _fwd_group(acc, l_i, m_i, q, BK + entry * sbkm + h * sbkh, BV + entry * sbvm + h * sbvh,
@@ -111,7 +130,7 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, 
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod,
                  mask=row_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, tl.sum(o * do, 1), mask=row_ok)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, tl.reduce(o * do, 1, _add_combine), mask=row_ok)
 
 
 @triton.jit
@@ -166,7 +185,7 @@ def _bwd_dq_kernel(Q, K, V, BK, BV, BIDX, IK, IV, DO, LSE, DELTA, DQ,
         do = do.to(tl.float32)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
 
     entry = tl.load(BIDX + b).to(tl.int64)
     dq = _bwd_dq_group(dq, q, do, lse, delta, BK + entry * sbkm + h * sbkh, BV + entry * sbvm + h * sbvh,
@@ -198,8 +217,8 @@ def _bwd_kv_block(Q, DO, LSE, DELTA, sqn, sqd, sdon, sdod, K, V, skn, skd, svn, 
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N

@@ -1,0 +1,218 @@
+"""Fused Triton prompt attention vs an fp64 reference: forward, every gradient, determinism, compile.
+
+On CPU the real kernels run under the Triton interpreter (TRITON_INTERPRET=1 set per test; the
+dispatch reads it at call time); with CUDA present the same cases also run compiled on the GPU.
+Tolerance rule (flash-attention's): |kernel - ref64| <= 2 |torch same dtype - ref64| + floor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+from mip_dist.kernels import prompt_attention, prompt_attention_math
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Run Triton on CPU tensors through the interpreter for this test only."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention shape: batch, heads, queries, sequence, bank entries/length, instance length."""
+
+    B: int
+    H: int
+    N: int
+    S: int
+    M: int
+    Pm: Optional[int]  # None: no bank at all
+    Pi: Optional[int]  # None: no instance prompts
+    D: int
+    broadcast_q: bool
+    mixed: bool  # bank_index mixes entries (else every sample reads entry M - 1)
+    dtype: torch.dtype
+    deterministic: bool
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        return (f"B{self.B}H{self.H}N{self.N}S{self.S}M{self.M}Pm{self.Pm}Pi{self.Pi}D{self.D}"
+                f"{'-bq' if self.broadcast_q else ''}{'-mix' if self.mixed else '-one'}-{dt}"
+                f"{'-det' if self.deterministic else ''}")
+
+
+f32, f16 = torch.float32, torch.float16
+# A covering (pairwise-style) set over N, S != N, Pm, Pi, M, bank mix, broadcast q, D, dtype, mode.
+CASES = [
+    Case(2, 2, 1, 5, 1, 3, None, 32, False, False, f32, False),
+    Case(3, 1, 17, 17, 2, 16, 3, 64, True, True, f16, True),
+    Case(2, 2, 128, 97, 3, 0, 16, 32, False, True, f32, True),
+    Case(3, 2, 211, 211, 3, 3, 3, 64, True, True, f32, False),
+    Case(2, 1, 211, 150, 2, 16, 0, 32, False, False, f16, False),
+    Case(3, 2, 17, 0, 2, 16, 16, 32, True, True, f32, True),
+    Case(1, 2, 128, 128, 1, 16, 16, 64, False, False, f16, True),
+    Case(2, 2, 1, 211, 3, None, 3, 64, True, False, f16, False),
+    Case(3, 1, 16, 210, 1, 16, None, 64, True, False, f32, True),  # the IPG call: learnable queries
+    Case(3, 2, 17, 40, 3, 3, 16, 32, False, True, f16, False),
+    Case(2, 1, 128, 33, 2, 0, 3, 64, True, True, f16, True),
+    Case(2, 1, 211, 17, 1, 3, 16, 32, False, False, f32, False),
+    Case(2, 1, 17, 33, 2, 3, 3, 128, False, True, f16, False),
+    Case(2, 1, 5, 9, 2, 16, 3, 16, True, True, f32, True),
+]
+
+
+def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
+    """Random inputs in case.dtype (drawn in fp64 so every dtype sees the same values)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=case.dtype)
+
+    B, H, D = case.B, case.H, case.D
+    bank = case.Pm is not None
+    inst = case.Pi is not None
+    if case.mixed:
+        index = torch.arange(B) % case.M
+    else:
+        index = torch.full((B,), case.M - 1)
+    return dict(
+        q=rnd(1 if case.broadcast_q else B, H, case.N, D),
+        k=rnd(B, H, case.S, D), v=rnd(B, H, case.S, D),
+        bank_k=rnd(case.M, H, case.Pm, D) if bank else None,
+        bank_v=rnd(case.M, H, case.Pm, D) if bank else None,
+        bank_index=index.to(device) if bank else None,
+        inst_k=rnd(B, H, case.Pi, D) if inst else None,
+        inst_v=rnd(B, H, case.Pi, D) if inst else None,
+    )
+
+
+GRAD_NAMES = ("q", "k", "v", "bank_k", "bank_v", "inst_k", "inst_v")
+
+
+def run(fn, inputs: dict, do: torch.Tensor, dtype: Optional[torch.dtype] = None, **kw) -> dict:
+    """Output and gradients of fn on (a cast copy of) inputs; {'o': ..., 'q': dq, ...}."""
+    leaves = {}
+    args = {}
+    for name, t in inputs.items():
+        if t is not None and t.is_floating_point():
+            t = t.detach().to(dtype or t.dtype).requires_grad_(True)
+            leaves[name] = t
+        args[name] = t
+    o = fn(**args, **kw)
+    grads = torch.autograd.grad(o, list(leaves.values()), do.to(o.dtype), allow_unused=True)
+    out = {"o": o.detach()}
+    out.update({name: g for name, g in zip(leaves, grads)})
+    return out
+
+
+def assert_close_by_rule(kernel: dict, same_dtype: dict, ref: dict, dtype: torch.dtype, label: str) -> None:
+    """Each tensor: kernel error vs fp64 <= 2x the same-dtype PyTorch error + a scaled floor."""
+    for name, r in ref.items():
+        if r is None or r.numel() == 0:
+            continue
+        assert kernel[name] is not None, f"{label}: missing gradient {name}"
+        assert kernel[name].shape == r.shape, f"{label}: {name} shape {kernel[name].shape} != {r.shape}"
+        assert kernel[name].dtype == dtype, f"{label}: {name} dtype {kernel[name].dtype}"
+        k_err = (kernel[name].double() - r).abs().max().item()
+        t_err = (same_dtype[name].double() - r).abs().max().item()
+        bound = 2 * t_err + FLOOR[dtype] * (1 + r.abs().max().item())
+        assert k_err <= bound, f"{label}: {name} error {k_err:.3e} > bound {bound:.3e} (torch {t_err:.3e})"
+
+
+def check_case(case: Case, device: str) -> None:
+    inputs = make_inputs(case, device)
+    g = torch.Generator().manual_seed(1)
+    do = torch.randn(case.B, case.H, case.N, case.D, generator=g, dtype=torch.float64).to(device)
+    kernel = run(prompt_attention, inputs, do, impl="triton", deterministic=case.deterministic)
+    same = run(prompt_attention_math, inputs, do)
+    ref = run(prompt_attention_math, inputs, do, dtype=torch.float64)
+    assert_close_by_rule(kernel, same, ref, case.dtype, str(case))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_and_gradients_match_fp64(case, device, interpret):
+    if device == "cuda":
+        torch.cuda.manual_seed(0)
+    check_case(case, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16(device, interpret):
+    for case in (Case(2, 2, 17, 30, 2, 16, 3, 64, True, True, torch.bfloat16, False),
+                 Case(3, 1, 211, 211, 3, 16, 16, 64, False, True, torch.bfloat16, True)):
+        check_case(case, device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_grid_bf16_and_larger():
+    for case in CASES:
+        check_case(Case(**{**case.__dict__, "dtype": torch.bfloat16}), "cuda")
+    check_case(Case(8, 4, 211, 211, 2, 16, 16, 64, False, True, torch.bfloat16, False), "cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_backward_is_bit_identical(device, interpret):
+    case = Case(3, 2, 128, 97, 2, 16, 3, 64, True, True, torch.float16, True)
+    inputs = make_inputs(case, device)
+    do = torch.randn(case.B, case.H, case.N, case.D, dtype=torch.float64).to(device)
+    first = run(prompt_attention, inputs, do, impl="triton", deterministic=True)
+    again = run(prompt_attention, inputs, do, impl="triton", deterministic=True)
+    atomic = run(prompt_attention, inputs, do, impl="triton", deterministic=False)
+    for name, t in first.items():
+        assert torch.equal(t, again[name]), f"{name} differs between two deterministic runs"
+        # the atomic mode only reorders fp32 sums
+        torch.testing.assert_close(atomic[name], t, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_views_and_expanded_q(device, interpret):
+    """q/k/v as permuted views of one packed qkv (the model's layout) and q expanded with stride 0."""
+    B, N, H, D, M, P = 2, 33, 2, 32, 2, 16
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(device).requires_grad_(True)
+    bank = torch.randn(M, 2, H, P, D, generator=g).to(device).requires_grad_(True)
+    queries = torch.randn(1, H, 16, D, generator=g).to(device).requires_grad_(True)
+    index = torch.tensor([1, 0], device=device)
+    do = torch.randn(B, H, N, D, generator=g).to(device)
+    do16 = torch.randn(B, H, 16, D, generator=g).to(device)
+
+    def forward(impl: str):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        o = prompt_attention(q, k, v, bank[:, 0], bank[:, 1], index, impl=impl)
+        o2 = prompt_attention(queries.expand(B, -1, -1, -1), k, v, impl=impl)
+        grads = torch.autograd.grad((o * do).sum() + (o2 * do16).sum(), [qkv, bank, queries])
+        return [o, o2, *grads]
+
+    for got, want in zip(forward("triton"), forward("torch")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_fullgraph(interpret):
+    """The custom op traces without graph breaks (aot_eager: fake-tensor shapes + autograd formula)."""
+    case = Case(2, 2, 17, 20, 2, 3, 16, 32, True, True, torch.float32, False)
+    inputs = make_inputs(case, "cpu")
+    do = torch.randn(case.B, case.H, case.N, case.D, dtype=torch.float64)
+
+    def attention(**kw):
+        return prompt_attention(**kw, impl="triton") * 2.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    got = run(compiled, inputs, do)
+    want = run(attention, inputs, do)
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t, rtol=0, atol=0)
+    eager_torch = run(lambda **kw: prompt_attention(**kw, impl="torch") * 2.0, inputs, do)
+    compiled_torch = run(torch.compile(lambda **kw: prompt_attention(**kw, impl="torch") * 2.0,
+                                       fullgraph=True, backend="aot_eager"), inputs, do)
+    for name, t in eager_torch.items():
+        torch.testing.assert_close(compiled_torch[name], t)
+        torch.testing.assert_close(got[name], t, rtol=1e-4, atol=1e-5)
