@@ -38,7 +38,8 @@ def _env():
 def test_frozen_backbone_trains_only_prompts_ipg_and_heads(setup):
     root, base = setup
     args = base + ["optim.freeze_backbone=true", "train.epochs=1", "train.run_name=frozen",
-                   "optim.prompt_lr_factor=5", "optim.ipg_lr_factor=15", "optim.bias_lr_factor=2"]
+                   "optim.prompt_lr_factor=5", "optim.ipg_lr_factor=15", "optim.bias_lr_factor=2",
+                   "train.eval_every_epochs=1", "eval.trials=2", "train.best_metric=all_single/mAP"]
     r = subprocess.run([sys.executable, TRAIN, "--config", "configs/tiny.yaml", *args], cwd=REPO, env=_env(),
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -71,6 +72,15 @@ def test_frozen_backbone_trains_only_prompts_ipg_and_heads(setup):
     model = build_model(cfg.model, cfg.attention, blob["num_classes"], blob["num_cameras"])
     freeze_backbone(model, param_category)
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+    # the end-of-run evaluation: logged, reported, and tracked as the best checkpoint
+    evals = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert len(evals) == 1 and 0 <= evals[0]["all_single/mAP"] <= 100
+    summary = json.loads((run_dir / "FINISHED").read_text())
+    assert summary["best_metric"] == evals[0]["all_single/mAP"]
+    best = load_exported(run_dir / "model_best.pt")
+    assert all(torch.equal(best["model"][k], final[k]) for k in final)  # best = the only evaluated state
+    assert (run_dir / "eval" / "epoch001" / "results.json").is_file() and (run_dir / "loss.png").is_file()
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(setup):

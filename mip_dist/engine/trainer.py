@@ -444,10 +444,10 @@ class Trainer:
                                       num_cameras=self.num_cameras)
             model.load_state_dict(state)
             model.to(self.device).eval()
-            metrics = {k: float(v) for k, v in evaluate(model, self.cfg.data, self.cfg.eval, self.index,
-                                                        device=self.device).items()
-                       if isinstance(v, (int, float))}
+            results = evaluate(model, self.cfg.data, self.cfg.eval, self.index, device=self.device)
             del model
+            metrics = {k: float(v) for k, v in results.items() if isinstance(v, (int, float))}
+            self._report(results)
         metrics = broadcast_object(metrics)
         self.metrics.write({"kind": "eval", "step": self.step, "epoch": self.epoch, **metrics}, prefix="eval")
         value = metrics.get(self.cfg.train.best_metric)
@@ -460,11 +460,20 @@ class Trainer:
             if self.is_main:
                 ckpt.export_model(self.run_dir / "model_best.pt", state, self.cfg, self.num_classes, self.num_cameras)
                 log.info("new best %s = %.4f at epoch %d", self.cfg.train.best_metric, value, self.epoch)
-        if self.is_main:
-            log.info("eval epoch %d: %s", self.epoch, " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         if getattr(self, "timer", None) is not None:
             self.timer.exclude(time.perf_counter() - t0)
         return metrics
+
+    def _report(self, results: dict) -> None:
+        """Rank 0: the protocol table in the log, results.json + CMC plot under run_dir/eval/epochNNN."""
+        try:
+            from mip_dist.eval.report import format_table, write_results
+
+            log.info("evaluation after epoch %d:\n%s", self.epoch, format_table(results))
+            write_results(results, self.run_dir / "eval" / f"epoch{self.epoch:03d}",
+                          meta={"epoch": self.epoch, "step": self.step, "run_dir": str(self.run_dir)})
+        except Exception as exc:  # reporting must never end a training run
+            log.warning("could not write the evaluation report: %s", exc)
 
     def _finish(self) -> None:
         """Final evaluation (if evaluation is on) and the consolidated model_final.pt."""
@@ -473,6 +482,12 @@ class Trainer:
         state = self._consolidated()
         if self.is_main:
             ckpt.export_model(self.run_dir / "model_final.pt", state, self.cfg, self.num_classes, self.num_cameras)
+            try:
+                from mip_dist.eval.report import plot_loss_curve
+
+                plot_loss_curve(self.metrics.path, self.run_dir / "loss.png")
+            except Exception as exc:  # a plot must never end a training run
+                log.warning("could not plot the loss curve: %s", exc)
         barrier()
 
 
