@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mip_dist.config import DataConfig
@@ -99,8 +100,6 @@ def check_urls(urls: list[str], allow_pipe: bool, key: str = "data.train_urls") 
 
 def expand_urls(spec: str) -> list[str]:
     """Brace patterns (`train-{000000..000009}.tar`) and `::`-separated lists -> URL list."""
-    import webdataset as wds
-
     return list(wds.shardlists.expand_urls(spec))
 
 
@@ -172,8 +171,6 @@ class ErrorCounter:
 
 def iter_shard_samples(url: str, counter: ErrorCounter) -> Iterator[RawSample]:
     """Samples of one shard via webdataset's tar reader; read errors end the shard (counted once)."""
-    import webdataset as wds
-
     state: dict[str, Any] = {"key": None, "failed": False}
 
     def handler(exn: Exception) -> bool:
