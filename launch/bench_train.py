@@ -56,7 +56,7 @@ def run(cmd: list[str], run_dir: Path, warmup: int, images_per_step: int) -> dic
 
 def overrides(shards: Path, out: Path, name: str, steps: int, extra: list[str]) -> list[str]:
     """Common run overrides: one epoch of `steps` steps, log every step, no eval, no step checkpoints."""
-    return [f"data.shards={shards}", f"data.root={shards}", f"data.steps_per_epoch={steps}", "train.epochs=1",
+    return [f"data.shards={shards}", f"data.steps_per_epoch={steps}", "train.epochs=1",
             "train.log_every=1", "train.eval_every_epochs=0", "train.ckpt_every_steps=0",
             f"train.output_dir={out}", f"train.run_name={name}", *extra]
 

@@ -60,6 +60,12 @@ def test_deepspeed_json_disagreeing_with_config_fails_clearly(tmp_path):
     cfg = load_config(PAPER, [f"train.deepspeed_config={bad}"])
     with pytest.raises(ConfigError, match="'auto' values.*train_micro_batch_size_per_gpu"):
         load_ds_config(cfg, 1)
+    owner = tmp_path / "owner.json"
+    owner.write_text(json.dumps({"train_micro_batch_size_per_gpu": 64, "gradient_clipping": 5.0,
+                                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}))
+    cfg = load_config(PAPER, [f"train.deepspeed_config={owner}"])
+    with pytest.raises(ConfigError, match="defines optimizer"):
+        load_ds_config(cfg, 1)
     cfg = load_config(PAPER, ["train.grad_accum=2", "optim.grad_clip=1.0"])
     built = build_ds_config(cfg, 3)
     assert built["train_batch_size"] == 64 * 2 * 3 and built["gradient_clipping"] == 1.0

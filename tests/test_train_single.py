@@ -191,3 +191,18 @@ def test_checkpoint_round_trip_is_exact(probe):
     result, _, _ = probe
     assert result["round_trip_weights"] and result["round_trip_momentum"]
     assert result["round_trip_position"] == [2, 1, 0, 1]  # saved at step 2 = start of epoch 1, 1 bad batch then
+
+
+def test_gradient_accumulation_steps_once_per_cycle(setup):
+    root, base = setup
+    args = base + ["train.grad_accum=2", "data.steps_per_epoch=5", "train.epochs=1", "train.run_name=accum"]
+    r = subprocess.run([sys.executable, TRAIN, "--config", "configs/tiny.yaml", *args], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "using 4 of 5 batches per epoch (a multiple of train.grad_accum=2)" in r.stderr
+    run_dir = root / "runs" / "accum"
+    assert len(losses(run_dir)) == 2  # 4 micro-batches -> 2 optimizer steps
+    assert json.loads((run_dir / "FINISHED").read_text())["step"] == 2
+    state = torch.load(run_dir / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)
+    assert state["global_steps"] == 2 and state["micro_in_epoch"] == 0 and state["epoch"] == 1

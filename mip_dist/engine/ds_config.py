@@ -66,6 +66,10 @@ def load_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if autos:
         raise ConfigError(f"train.deepspeed_config: {path} has 'auto' values ({', '.join(autos)}); "
                           "DeepSpeed outside the HF integration needs concrete numbers")
+    owned = [k for k in ("optimizer", "scheduler") if k in ds]
+    if owned:
+        raise ConfigError(f"train.deepspeed_config: {path} defines {', '.join(owned)}; the trainer passes its own "
+                          "optimizer (optim.*) and LR schedule, so remove those sections")
     micro = cfg.data.batch_size
     want = {
         "train_micro_batch_size_per_gpu": (micro, "data.batch_size"),

@@ -146,15 +146,21 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=DictOutput(model, zero3=cfg.train.zero_stage == 3),
             optimizer=build_optimizer(groups, cfg.optim), config=self.ds_config)
+        if cfg.train.compile:
+            self.engine.compile()  # torch.compile through DeepSpeed (inductor on the engine's device)
         self.dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
                       else torch.float16 if self.engine.fp16_enabled() else torch.float32)
         self.device = self.engine.device
         self.loss_fn = MIPLoss(cfg.loss)
         self.stream = build_train_stream(cfg.data, seed=cfg.train.seed, rank=env.rank, world_size=env.world_size)
-        self.micro_per_epoch = int(self.stream.steps_per_epoch)
         self.accum = cfg.train.grad_accum
-        if self.micro_per_epoch < self.accum:
-            raise ValueError(f"train.grad_accum={self.accum} exceeds the {self.micro_per_epoch} batches per epoch")
+        stream_steps = int(self.stream.steps_per_epoch)
+        if stream_steps < self.accum:
+            raise ValueError(f"train.grad_accum={self.accum} exceeds the {stream_steps} batches per epoch")
+        self.micro_per_epoch = stream_steps // self.accum * self.accum  # accumulation cycles end with the epoch
+        if self.micro_per_epoch != stream_steps and env.is_main:
+            log.info("using %d of %d batches per epoch (a multiple of train.grad_accum=%d)",
+                     self.micro_per_epoch, stream_steps, self.accum)
         self.total_steps = cfg.train.epochs * self.micro_per_epoch // self.accum
         self.checkpointer = ckpt.Checkpointer(self.run_dir, cfg.train.keep_last, self.is_main)
 
