@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Literal, Optional
 
 import torch
@@ -55,10 +56,8 @@ def check_inputs(
                              f"{None if bank_index is None else (tuple(bank_index.shape), bank_index.dtype)}")
         if bank_index.device != q.device:
             raise ValueError(f"bank_index is on {bank_index.device}; q is on {q.device}")
-        if B > 0 and not torch.compiler.is_compiling():  # one host sync; skipped while tracing
-            lo, hi = (int(x) for x in torch.aminmax(bank_index))
-            if lo < 0 or hi >= bank_k.shape[0]:
-                raise ValueError(f"bank_index values must be in [0, {bank_k.shape[0]}); got min {lo}, max {hi}")
+        if B > 0 and not torch.compiler.is_compiling():  # skipped while tracing (data-dependent)
+            _check_index_range(bank_index, bank_k.shape[0])
     if (inst_k is None) != (inst_v is None):
         raise ValueError("inst_k and inst_v must both be given or both be None")
     if inst_k is not None and (inst_k.dim() != 4 or inst_k.shape[:2] != (B, H) or inst_k.shape[3] != D
@@ -67,6 +66,26 @@ def check_inputs(
     n_keys = S + (bank_k.shape[2] if bank_k is not None else 0) + (inst_k.shape[2] if inst_k is not None else 0)
     if n_keys == 0 and q.shape[2] > 0:
         raise ValueError("no keys: the sequence, bank and instance prompts are all empty (softmax over nothing)")
+
+
+_last_index: tuple = (None, -1, -1)  # (weakref to the last bank_index checked, its version, M)
+
+
+def _check_index_range(bank_index: torch.Tensor, entries: int) -> None:
+    """bank_index values in [0, entries); the host sync is paid once per index tensor, not once per layer."""
+    global _last_index
+    ref, version, m = _last_index
+    try:
+        current = bank_index._version
+    except RuntimeError:  # inference tensors keep no version counter: always check
+        current = None
+    if current is not None and ref is not None and ref() is bank_index and version == current and m == entries:
+        return
+    lo, hi = torch.stack(torch.aminmax(bank_index)).tolist()  # one device sync
+    if lo < 0 or hi >= entries:
+        raise ValueError(f"bank_index values must be in [0, {entries}); got min {lo}, max {hi}")
+    if current is not None:
+        _last_index = (weakref.ref(bank_index), current, entries)
 
 
 def triton_unsupported(q: torch.Tensor) -> Optional[str]:

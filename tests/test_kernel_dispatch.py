@@ -138,3 +138,12 @@ def test_explicit_scale_is_used(monkeypatch):
     want = prompt_attention_math(**x, scale=0.3)
     torch.testing.assert_close(prompt_attention(**x, scale=0.3, impl="triton"), want)
     torch.testing.assert_close(prompt_attention(**x, scale=0.3, impl="torch"), want)
+
+
+def test_index_range_is_rechecked_after_in_place_change():
+    x = inputs()
+    prompt_attention(**x, impl="torch")
+    prompt_attention(**x, impl="torch")  # same tensor, unchanged: the cached check passes
+    x["bank_index"][1] = 5
+    with pytest.raises(ValueError, match="max 5"):
+        prompt_attention(**x, impl="torch")
