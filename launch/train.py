@@ -44,15 +44,29 @@ def setup_logging(rank: int) -> None:
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def preflight(cfg, world_size: int) -> None:
-    """Checks that need no process group: the DeepSpeed JSON agrees with the config; shards exist."""
+def preflight(cfg, world_size: int, resume: str | None) -> None:
+    """Checks that need no process group: the DeepSpeed JSON agrees with the config, shards exist, the
+    run directory may be used (every rank checks before any rank can create it: that needs the group)."""
     from mip_dist.config import ConfigError
     from mip_dist.engine.ds_config import load_ds_config
+    from mip_dist.engine.trainer import RunDirError, resolve_run_dir
 
     load_ds_config(cfg, world_size)
     if not cfg.data.train_urls and not (Path(cfg.data.shards) / "index.json").is_file():
         raise ConfigError(f"data.shards: {cfg.data.shards!r} has no index.json; write shards first "
                           "(launch/make_shards.py) or point data.shards at them")
+    try:
+        resolve_run_dir(cfg, resume)
+    except (RunDirError, FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def leave(code: int) -> None:
+    """Exit now after an error inside the process group (interpreter teardown with live gloo threads
+    can abort the process and hide the exit code)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     path = config_path(args.config)
     try:
         cfg = load_config(path, args.overrides)
-        preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), args.resume)
     except ConfigError as exc:
         print(f"error: {path}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -77,13 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = Trainer(cfg, env, resume=args.resume).fit()
     except RunDirError as exc:  # raised on every rank alike
-        shutdown(wait=False)
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        leave(EXIT_CONFIG)
     except TrainingDiverged as exc:  # agreed by every rank
-        shutdown(wait=False)
         print(f"error: training diverged: {exc}", file=sys.stderr)
-        return EXIT_DIVERGED
+        leave(EXIT_DIVERGED)
     shutdown()
     if env.is_main:
         print(f"{summary['status']}: step {summary['step']}, run directory {summary['run_dir']}")

@@ -111,6 +111,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(setup):
     again = subprocess.run([sys.executable, TRAIN, "--config", "configs/tiny.yaml", *args], cwd=REPO, env=_env(),
                            capture_output=True, text=True, timeout=TIMEOUT)
     assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    assert "backend gloo" not in again.stderr  # refused before any process group started
 
 
 PROBE = textwrap.dedent('''

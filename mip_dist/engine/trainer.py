@@ -363,6 +363,7 @@ class Trainer:
         if self.bad_in_row > self.cfg.train.max_bad_steps:
             tag = self.save() if self._at_boundary() else self.checkpointer.dir / ckpt.tag_for(self.checkpointer.last_saved_step)
             self.metrics.write({"kind": "abort", "step": self.step, "epoch": self.epoch, "bad_steps_total": self.bad_total})
+            self.metrics.close()
             raise TrainingDiverged(
                 f"{self.bad_in_row} non-finite losses in a row (train.max_bad_steps={self.cfg.train.max_bad_steps}) "
                 f"at step {self.step}, epoch {self.epoch}; weights were not updated by the skipped batches; "
