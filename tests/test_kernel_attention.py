@@ -19,9 +19,13 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture
-def interpret(monkeypatch):
-    """Run Triton on CPU tensors through the interpreter for this test only."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def interpret(request, monkeypatch):
+    """CPU tests run Triton through the interpreter (for this test only); CUDA tests run it compiled."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("device") == "cuda":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,11 @@ from triton.compiler import ASTSource  # noqa: E402
 from mip_dist.kernels import _backend  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-pytestmark = pytest.mark.skipif(not os.path.exists(PTXAS), reason="triton's bundled ptxas is missing")
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(PTXAS), reason="triton's bundled ptxas is missing"),
+    pytest.mark.skipif(_backend.interpreter_requested(),
+                       reason="TRITON_INTERPRET=1 for the whole process: triton's own helpers are interpreted"),
+]
 
 TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 POINTERS = {"Q", "K", "V", "BK", "BV", "IK", "IV", "O", "DO", "DQ", "DK", "DV", "DIK", "DIV"}

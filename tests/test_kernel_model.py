@@ -53,7 +53,10 @@ def run(model, impl: str, images, modality, camera) -> tuple[dict, dict, torch.T
 @pytest.mark.parametrize("modality", [[0, 1, 1], [1, 1]], ids=["mixed", "visible"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_tiny_model_triton_matches_concat(device, modality, deterministic, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the real kernels, interpreted
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # compiled
     cfg = load_config(TINY, ["model.drop_path=0.0", "model.prompt_dropout=0.0", "model.drop_rate=0.0"])
     torch.manual_seed(0)
     attention = dataclasses.replace(cfg.attention, impl="concat", deterministic=deterministic)
