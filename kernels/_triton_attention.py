@@ -12,6 +12,7 @@ The log-sum-exp is kept in base-2 units of the scaled scores (lse2 = m + log2(l)
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -365,6 +366,13 @@ def _groups(q, k, bank_k, bank_v, bank_index, inst_k, inst_v):
     return bk, bv, bidx, ik, iv, pm, pi
 
 
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU even when another device is current (Triton uses the current one)."""
+    if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             bank_k: Optional[torch.Tensor], bank_v: Optional[torch.Tensor], bank_index: Optional[torch.Tensor],
             inst_k: Optional[torch.Tensor], inst_v: Optional[torch.Tensor],
@@ -382,10 +390,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         sq[0] = 0
     p = _launch_params("fwd", q, N, S, pm, pi, D)
     grid = (triton.cdiv(N, p["BLOCK_M"]), B * H)
-    _fwd_kernel[grid](q, k, v, bk, bv, bidx, ik, iv, o, lse,
-                      *sq, *k.stride(), *v.stride(), *_strides(bank_k), *_strides(bank_v),
-                      *_strides(inst_k), *_strides(inst_v), *o.stride(),
-                      H, N, S, pm, pi, scale * LOG2E, **p)
+    with _on_device(q):
+        _fwd_kernel[grid](q, k, v, bk, bv, bidx, ik, iv, o, lse,
+                          *sq, *k.stride(), *v.stride(), *_strides(bank_k), *_strides(bank_v),
+                          *_strides(inst_k), *_strides(inst_v), *o.stride(),
+                          H, N, S, pm, pi, scale * LOG2E, **p)
     return o, lse
 
 
@@ -423,45 +432,39 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     else:
         dq_buf = torch.zeros((1, H, N, D), dtype=torch.float32, device=dev)
 
-    if B * H * N > 0:
-        pq = _launch_params("dq", q, N, S, pm, pi, D)
-        delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
-        _bwd_delta_kernel[(triton.cdiv(N, pq["BLOCK_M"]), B * H)](
-            o, do, delta, *o.stride(), *do.stride(), H, N, BLOCK_M=pq["BLOCK_M"], BLOCK_D=D)
-        sdq = list(dq_buf.stride())
-        if dq_buf.shape[0] == 1:
-            sdq[0] = 0
-        _bwd_dq_kernel[(triton.cdiv(N, pq["BLOCK_M"]), B * H)](
-            q, k, v, bk, bv, bidx, ik, iv, do, lse, delta, dq_buf,
-            *sq, *k.stride(), *v.stride(), *_strides(bank_k), *_strides(bank_v),
-            *_strides(inst_k), *_strides(inst_v), *do.stride(), *sdq,
-            H, N, S, pm, pi, scale * LOG2E, scale, ATOMIC=broadcast_q and not deterministic, **pq)
-        pk = _launch_params("kv", q, N, S, pm, pi, D)
-        nb_pm = triton.cdiv(pm, pk["BLOCK_PM"])
-        nb_pi = triton.cdiv(pi, pk["BLOCK_PI"])
-        nb_s = triton.cdiv(S, pk["BLOCK_N"])
-        if nb_pm + nb_pi + nb_s > 0:
-            dbk_ptr = dbk_buf if dbk_buf is not None else dk
-            dbv_ptr = dbv_buf if dbv_buf is not None else dv
-            _bwd_kv_kernel[(nb_pm + nb_pi + nb_s, B * H)](
-                q, k, v, bk, bv, bidx, ik, iv, do, lse, delta,
-                dk, dv, dbk_ptr, dbv_ptr, dik if dik is not None else dk, div if div is not None else dv,
-                *sq, *k.stride(), *v.stride(), *_strides(bank_k), *_strides(bank_v),
-                *_strides(inst_k), *_strides(inst_v), *do.stride(),
-                *dk.stride(), *dv.stride(), *_strides(dbk_buf), *_strides(dbv_buf),
-                *_strides(dik), *_strides(div),
-                H, N, S, pm, pi, nb_pm, nb_pi, scale * LOG2E, scale,
-                BANK_ATOMIC=not deterministic, **pk)
+    if B * H * N == 0:
+        for t in (dk, dv, dik, div, dbk_buf, dbv_buf, dq_buf):
+            if t is not None:
+                t.zero_()
     else:
-        dk.zero_()
-        dv.zero_()
-        if dik is not None:
-            dik.zero_()
-            div.zero_()
-        if dbk_buf is not None:
-            dbk_buf.zero_()
-            dbv_buf.zero_()
-        dq_buf.zero_()
+        with _on_device(q):
+            pq = _launch_params("dq", q, N, S, pm, pi, D)
+            delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
+            _bwd_delta_kernel[(triton.cdiv(N, pq["BLOCK_M"]), B * H)](
+                o, do, delta, *o.stride(), *do.stride(), H, N, BLOCK_M=pq["BLOCK_M"], BLOCK_D=D)
+            sdq = list(dq_buf.stride())
+            if dq_buf.shape[0] == 1:
+                sdq[0] = 0
+            _bwd_dq_kernel[(triton.cdiv(N, pq["BLOCK_M"]), B * H)](
+                q, k, v, bk, bv, bidx, ik, iv, do, lse, delta, dq_buf,
+                *sq, *k.stride(), *v.stride(), *_strides(bank_k), *_strides(bank_v),
+                *_strides(inst_k), *_strides(inst_v), *do.stride(), *sdq,
+                H, N, S, pm, pi, scale * LOG2E, scale, ATOMIC=broadcast_q and not deterministic, **pq)
+            pk = _launch_params("kv", q, N, S, pm, pi, D)
+            nb_pm = triton.cdiv(pm, pk["BLOCK_PM"])
+            nb_pi = triton.cdiv(pi, pk["BLOCK_PI"])
+            nb_s = triton.cdiv(S, pk["BLOCK_N"])
+            if nb_pm + nb_pi + nb_s > 0:
+                _bwd_kv_kernel[(nb_pm + nb_pi + nb_s, B * H)](
+                    q, k, v, bk, bv, bidx, ik, iv, do, lse, delta,
+                    dk, dv, dbk_buf if dbk_buf is not None else dk, dbv_buf if dbv_buf is not None else dv,
+                    dik if dik is not None else dk, div if div is not None else dv,
+                    *sq, *k.stride(), *v.stride(), *_strides(bank_k), *_strides(bank_v),
+                    *_strides(inst_k), *_strides(inst_v), *do.stride(),
+                    *dk.stride(), *dv.stride(), *_strides(dbk_buf), *_strides(dbv_buf),
+                    *_strides(dik), *_strides(div),
+                    H, N, S, pm, pi, nb_pm, nb_pi, scale * LOG2E, scale,
+                    BANK_ATOMIC=not deterministic, **pk)
 
     if broadcast_q:
         dq = (dq_buf.sum(0, keepdim=True) if deterministic else dq_buf).to(q.dtype)

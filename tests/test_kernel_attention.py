@@ -237,3 +237,18 @@ def test_compiled_graph_calls_the_custom_op(interpret):
     torch._dynamo.reset()
     torch.compile(lambda **kw: prompt_attention(**kw, impl="triton"), fullgraph=True, backend=record)(**inputs)
     assert len(graphs) == 1 and "mip_dist.prompt_attention_fwd" in graphs[0]
+
+
+@pytest.mark.parametrize("B, N, S", [(2, 0, 5), (0, 3, 5), (2, 3, 0)], ids=["no-queries", "no-samples", "no-seq"])
+def test_empty_dimensions(B, N, S, interpret):
+    """Zero queries or samples give empty outputs and zero prompt gradients; an empty sequence is fine."""
+    g = torch.Generator().manual_seed(0)
+    x = dict(q=torch.randn(B, 2, N, 32, generator=g), k=torch.randn(B, 2, S, 32, generator=g),
+             v=torch.randn(B, 2, S, 32, generator=g), bank_k=torch.randn(2, 2, 3, 32, generator=g),
+             bank_v=torch.randn(2, 2, 3, 32, generator=g), bank_index=torch.arange(B) % 2)
+    do = torch.randn(B, 2, N, 32, generator=g)
+    got = run(prompt_attention, x, do, impl="triton")
+    want = run(prompt_attention, x, do, impl="torch")
+    for name, t in want.items():
+        assert got[name].shape == t.shape, name
+        torch.testing.assert_close(got[name], t, rtol=1e-5, atol=1e-6)
