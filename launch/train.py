@@ -52,6 +52,8 @@ def preflight(cfg, world_size: int, resume: str | None) -> None:
     from mip_dist.engine.trainer import RunDirError, resolve_run_dir
 
     load_ds_config(cfg, world_size)
+    if cfg.data.dataset == "synthetic" and not cfg.data.train_urls:
+        prepare_synthetic(cfg, world_size)
     if not cfg.data.train_urls and not (Path(cfg.data.shards) / "index.json").is_file():
         raise ConfigError(f"data.shards: {cfg.data.shards!r} has no index.json; write shards first "
                           "(launch/make_shards.py) or point data.shards at them")
@@ -59,6 +61,37 @@ def preflight(cfg, world_size: int, resume: str | None) -> None:
         resolve_run_dir(cfg, resume)
     except (RunDirError, FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def prepare_synthetic(cfg, world_size: int, wait_s: float = 1800.0) -> None:
+    """Make the embedded synthetic set and its shards if missing: local rank 0 writes, other ranks wait."""
+    import time
+
+    from mip_dist.data.prepare import ensure_synthetic_shards
+
+    index = Path(cfg.data.shards) / "index.json"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 or world_size == 1:
+        if not index.is_file():
+            print(f"preparing the synthetic visible-infrared set at {cfg.data.root} -> shards {cfg.data.shards}")
+        ensure_synthetic_shards(cfg.data, progress=int(os.environ.get("RANK", "0")) == 0)
+        return
+    deadline = time.monotonic() + wait_s
+    while not index.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {wait_s:.0f}s for local rank 0 to write {index}")
+        time.sleep(2.0)
+
+
+def demo_resume(cfg) -> str | None:
+    """The demo continues its newest unfinished run (a checkpoint, no FINISHED marker), else starts anew."""
+    from mip_dist.engine.checkpoint import resolve_resume
+    from mip_dist.engine.trainer import FINISHED
+
+    tag = resolve_resume("auto", None, Path(cfg.train.output_dir))
+    if tag is None or (tag.parent.parent / FINISHED).exists():
+        return None
+    print(f"resuming the unfinished demo run {tag.parent.parent} (from {tag.name})")
+    return str(tag)
 
 
 def leave(code: int) -> None:
@@ -79,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     path = config_path(args.config)
     try:
         cfg = load_config(path, args.overrides)
+        if args.config is None and args.resume is None:  # the demo: never overwrite, continue if cut off
+            args.resume = demo_resume(cfg)
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), args.resume)
     except ConfigError as exc:
         print(f"error: {path}: {exc}", file=sys.stderr)
