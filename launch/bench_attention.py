@@ -138,22 +138,37 @@ def implementations() -> dict[str, Callable]:
 # ----------------------------------------------------------------------------------------------
 # GPU benchmark
 # ----------------------------------------------------------------------------------------------
-def time_modes(fn: Callable, x: dict, warmup: int, rep: int) -> dict[str, float]:
-    """Median ms of forward (no grad), backward (retained graph) and forward+backward."""
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160] if text else ''}"
+
+
+def time_modes(fn: Callable, x: dict, warmup: int, rep: int) -> dict[str, object]:
+    """Median ms of forward (no grad), backward (retained graph) and forward+backward; an error string
+    instead of a time for a mode that fails (e.g. a backend without a backward)."""
     from triton.testing import do_bench
 
     grads = leaves(x)
+    out: dict[str, object] = {}
     with torch.no_grad():
+        do = torch.randn_like(fn(**x))
+    try:
+        with torch.no_grad():
+            out["fwd"] = do_bench(lambda: fn(**x), warmup=warmup, rep=rep, return_mode="median")
+    except Exception as exc:
+        out["fwd"] = _reason(exc)
+    try:
         o = fn(**x)
-    do = torch.randn_like(o)
-    out = {}
-    with torch.no_grad():
-        out["fwd"] = do_bench(lambda: fn(**x), warmup=warmup, rep=rep, return_mode="median")
-    o = fn(**x)
-    out["bwd"] = do_bench(lambda: o.backward(do, retain_graph=True), warmup=warmup, rep=rep,
-                          grad_to_none=grads, return_mode="median")
-    out["fwd+bwd"] = do_bench(lambda: fn(**x).backward(do), warmup=warmup, rep=rep, grad_to_none=grads,
-                              return_mode="median")
+        out["bwd"] = do_bench(lambda: o.backward(do, retain_graph=True), warmup=warmup, rep=rep,
+                              grad_to_none=grads, return_mode="median")
+        del o
+    except Exception as exc:
+        out["bwd"] = _reason(exc)
+    try:
+        out["fwd+bwd"] = do_bench(lambda: fn(**x).backward(do), warmup=warmup, rep=rep, grad_to_none=grads,
+                                  return_mode="median")
+    except Exception as exc:
+        out["fwd+bwd"] = _reason(exc)
     return out
 
 
@@ -182,21 +197,25 @@ def bench_gpu(args: argparse.Namespace) -> dict:
                     err = max_error(fn, x)
                     times = time_modes(fn, x, args.warmup, args.rep)
                 except Exception as exc:  # a backend may not take these shapes/dtype on this GPU
-                    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-                    for mode in MODES:
-                        rows.append({**base, "mode": mode, "status": "unavailable", "reason": reason})
-                    print(f"  {name:28s} B={B} N={N}: unavailable ({reason})", flush=True)
-                    continue
+                    err, times = None, {mode: _reason(exc) for mode in MODES}
                 for mode in MODES:
                     ms = times[mode]
+                    if isinstance(ms, str):
+                        rows.append({**base, "mode": mode, "status": "unavailable", "reason": ms})
+                        continue
                     nbytes = hbm_bytes(x, mode)
                     bound_ms = nbytes / args.peak_bw * 1e3
                     rows.append({**base, "mode": mode, "status": "ok", "ms": ms, "max_abs_err": err,
                                  "tflops": flops(B, args.heads, N, L, args.head_dim, mode) / ms * 1e-9,
                                  "gbps": nbytes / ms * 1e-6, "hbm_bound_ms": bound_ms,
                                  "x_hbm_bound": ms / bound_ms})
-                print(f"  {name:28s} B={B} N={N}: " + ", ".join(f"{m} {times[m]:.3f} ms" for m in MODES)
-                      + f" (max err {err:.2e})", flush=True)
+                if all(isinstance(times[m], str) for m in MODES) and len({times[m] for m in MODES}) == 1:
+                    summary = f"unavailable ({times['fwd']})"
+                else:
+                    summary = ", ".join(f"{m} {times[m]:.3f} ms" if not isinstance(times[m], str)
+                                        else f"{m} unavailable ({times[m]})" for m in MODES)
+                    summary += f" (max err {err:.2e})" if err is not None else ""
+                print(f"  {name:28s} B={B} N={N}: {summary}", flush=True)
             del x
             torch.cuda.empty_cache()
     add_speedups(rows)
