@@ -25,25 +25,27 @@ STEPS = 6
 TIMEOUT = 240
 
 
-def tiny_overrides(shards: Path, out: Path) -> list[str]:
-    """The tiny config shrunk further: depth 3, width 64, 64x32 images, batch 8, 3 steps x 2 epochs."""
+def tiny_overrides(root: Path) -> list[str]:
+    """The tiny config shrunk further: depth 3, width 64, 64x32 images, batch 8, 3 steps x 2 epochs, on a
+    synthetic set of 8 training identities (2 images per camera) under `root`."""
     return ["model.depth=3", "model.embed_dim=64", "model.num_heads=4", "model.img_size=[64,32]",
             "data.img_size=[64,32]", "data.batch_size=8", "data.num_instances=2", "data.workers=0",
-            f"data.shards={shards}", "data.steps_per_epoch=3", "train.epochs=2", "train.log_every=1",
-            "train.ckpt_every_steps=2", "train.keep_last=2", "train.eval_every_epochs=0", "train.precision=fp32",
-            "train.device=cpu", f"train.output_dir={out}", "optim.warmup_epochs=0", "optim.lr=0.01",
-            "loss.msel_start_epoch=1"]
+            f"data.root={root / 'synthetic'}", f"data.shards={root / 'shards'}", "data.synthetic_ids=8",
+            "data.synthetic_test_ids=4", "data.synthetic_images_per_camera=2", "data.steps_per_epoch=3",
+            "train.epochs=2", "train.log_every=1", "train.ckpt_every_steps=2", "train.keep_last=2",
+            "train.eval_every_epochs=0", "train.precision=fp32", "train.device=cpu",
+            f"train.output_dir={root / 'runs'}", "optim.warmup_epochs=0", "optim.lr=0.01", "loss.msel_start_epoch=1"]
 
 
-def make_tiny_shards(root: Path) -> Path:
-    """Synthetic SYSU-layout set (8 train ids, 2 images per camera) sharded once; reused when present."""
-    from mip_dist.data.shards import write_shards
-    from mip_dist.data.synthetic import generate_synthetic
+def make_tiny_shards(root: Path) -> list[str]:
+    """Write the synthetic set and its shards once (what launch/train.py would otherwise make on demand);
+    returns the run overrides that use them."""
+    from mip_dist.config import load_config
+    from mip_dist.data.prepare import ensure_synthetic_shards
 
-    data = generate_synthetic(str(root / "synthetic"), num_train_ids=8, num_test_ids=4, images_per_camera=2,
-                              seed=0, layout="sysu", img_size=(64, 32), workers=1)
-    write_shards("synthetic", str(data), str(root / "shards"), workers=1, progress=False)
-    return root / "shards"
+    overrides = tiny_overrides(root)
+    ensure_synthetic_shards(load_config(REPO / "configs" / "tiny.yaml", overrides).data, workers=1, progress=False)
+    return overrides
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -70,8 +72,7 @@ def deepspeed_cmd(args: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    shards = make_tiny_shards(root)
-    return root, tiny_overrides(shards, root / "runs")
+    return root, make_tiny_shards(root)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from mip_dist.engine.checkpoint import COMPLETE, load_exported
 from mip_dist.engine.optim import freeze_backbone, lr_multiplier
 from mip_dist.model import build_model, param_category
 
-from test_train_distributed import losses, make_tiny_shards, tiny_overrides
+from test_train_distributed import losses, make_tiny_shards
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "launch" / "train.py")
@@ -28,7 +28,7 @@ TIMEOUT = 180
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
-    return root, tiny_overrides(make_tiny_shards(root), root / "runs")
+    return root, make_tiny_shards(root)
 
 
 def _env():

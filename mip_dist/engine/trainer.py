@@ -112,56 +112,15 @@ class Trainer:
     """Trains MIP with a DeepSpeed engine; `fit()` runs to the end (or to SIGTERM) and returns a summary."""
 
     def __init__(self, cfg: Config, env: DistEnv, resume: Optional[str] = None) -> None:
-        from mip_dist.data.shards import read_index
-        from mip_dist.data.stream import build_train_stream
         from mip_dist.losses import MIPLoss
-        from mip_dist.model import build_model, param_category
-
-        import deepspeed
 
         self.cfg, self.env = cfg, env
         self.is_main = env.is_main
-        # run directory: rank 0 decides (timestamps, existence checks), every rank follows or fails alike
-        decision = None
-        if self.is_main:
-            try:
-                decision = resolve_run_dir(cfg, resume)
-            except (RunDirError, FileNotFoundError, ValueError) as exc:
-                decision = exc
-        decision = broadcast_object(decision)
-        if isinstance(decision, Exception):
-            raise decision
-        self.run_dir, resume_tag = decision
-
+        self.run_dir, resume_tag = self._agree_run_dir(resume)
         seed_everything(cfg.train.seed)  # identical model init on every rank
-        self.index = read_index(cfg.data.shards)
-        self.num_classes, self.num_cameras = int(self.index["num_classes"]), int(self.index["num_cameras"])
-        self._build_model = build_model
-        model = build_model(cfg.model, cfg.attention, num_classes=self.num_classes, num_cameras=self.num_cameras)
-        if cfg.optim.freeze_backbone:
-            n = freeze_backbone(model, param_category)
-            log.info("prompt tuning: froze %d backbone parameters", n)
-        groups = build_param_groups(model.named_parameters(), cfg.optim, param_category)
-        self.ds_config = load_ds_config(cfg, env.world_size)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=DictOutput(model, zero3=cfg.train.zero_stage == 3),
-            optimizer=build_optimizer(groups, cfg.optim), config=self.ds_config)
-        if cfg.train.compile:
-            self.engine.compile()  # torch.compile through DeepSpeed (inductor on the engine's device)
-        self.dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
-                      else torch.float16 if self.engine.fp16_enabled() else torch.float32)
-        self.device = self.engine.device
+        self._build_engine()
         self.loss_fn = MIPLoss(cfg.loss)
-        self.stream = build_train_stream(cfg.data, seed=cfg.train.seed, rank=env.rank, world_size=env.world_size)
-        self.accum = cfg.train.grad_accum
-        stream_steps = int(self.stream.steps_per_epoch)
-        if stream_steps < self.accum:
-            raise ValueError(f"train.grad_accum={self.accum} exceeds the {stream_steps} batches per epoch")
-        self.micro_per_epoch = stream_steps // self.accum * self.accum  # accumulation cycles end with the epoch
-        if self.micro_per_epoch != stream_steps and env.is_main:
-            log.info("using %d of %d batches per epoch (a multiple of train.grad_accum=%d)",
-                     self.micro_per_epoch, stream_steps, self.accum)
-        self.total_steps = cfg.train.epochs * self.micro_per_epoch // self.accum
+        self._build_stream()
         self.checkpointer = ckpt.Checkpointer(self.run_dir, cfg.train.keep_last, self.is_main)
 
         # training position; replaced by the checkpoint's when resuming
@@ -169,7 +128,8 @@ class Trainer:
         self.best: Optional[float] = None
         self._stop = False
         self._stream_state: Optional[dict] = None
-        seed_everything(cfg.train.seed + 1_000_003 * (env.rank + 1))  # per-rank dropout / augmentation
+        self.timer: Optional[StepTimer] = None
+        seed_everything(cfg.train.seed + 1_000_003 * (env.rank + 1))  # per-rank dropout / drop-path
         if resume_tag is not None:
             self._restore(resume_tag)
         elif self.is_main:
@@ -183,6 +143,61 @@ class Trainer:
             log.info("run directory %s; %d steps (%d epochs x %d batches / accum %d); world %d; ZeRO %d; %s",
                      self.run_dir, self.total_steps, cfg.train.epochs, self.micro_per_epoch, self.accum,
                      env.world_size, cfg.train.zero_stage, cfg.train.precision)
+
+    def _agree_run_dir(self, resume: Optional[str]) -> tuple[Path, Optional[Path]]:
+        """Rank 0 picks the run directory (timestamps, existence checks); every rank follows or fails alike."""
+        decision: Any = None
+        if self.is_main:
+            try:
+                decision = resolve_run_dir(self.cfg, resume)
+            except (RunDirError, FileNotFoundError, ValueError) as exc:
+                decision = exc
+        decision = broadcast_object(decision)
+        if isinstance(decision, Exception):
+            raise decision
+        return decision
+
+    def _build_engine(self) -> None:
+        """Model (optionally with a frozen backbone), parameter groups, client optimizer, DeepSpeed engine."""
+        import deepspeed
+
+        from mip_dist.data.shards import read_index
+        from mip_dist.model import build_model, param_category
+
+        cfg = self.cfg
+        self.index = read_index(cfg.data.shards)
+        self.num_classes, self.num_cameras = int(self.index["num_classes"]), int(self.index["num_cameras"])
+        self._build_model = build_model
+        model = build_model(cfg.model, cfg.attention, num_classes=self.num_classes, num_cameras=self.num_cameras)
+        if cfg.optim.freeze_backbone:
+            log.info("prompt tuning: froze %d backbone parameters", freeze_backbone(model, param_category))
+        groups = build_param_groups(model.named_parameters(), cfg.optim, param_category)
+        self.ds_config = load_ds_config(cfg, self.env.world_size)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=DictOutput(model, zero3=cfg.train.zero_stage == 3),
+            optimizer=build_optimizer(groups, cfg.optim), config=self.ds_config)
+        if cfg.train.compile:
+            self.engine.compile()  # torch.compile through DeepSpeed (inductor on the engine's device)
+        self.dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
+                      else torch.float16 if self.engine.fp16_enabled() else torch.float32)
+        self.device = self.engine.device
+
+    def _build_stream(self) -> None:
+        """This rank's training stream; an epoch uses a multiple of grad_accum of its batches."""
+        from mip_dist.data.stream import build_train_stream
+
+        env = self.env
+        self.stream = build_train_stream(self.cfg.data, seed=self.cfg.train.seed, rank=env.rank,
+                                         world_size=env.world_size)
+        self.accum = self.cfg.train.grad_accum
+        stream_steps = int(self.stream.steps_per_epoch)
+        if stream_steps < self.accum:
+            raise ValueError(f"train.grad_accum={self.accum} exceeds the {stream_steps} batches per epoch")
+        self.micro_per_epoch = stream_steps // self.accum * self.accum  # accumulation cycles end with the epoch
+        if self.micro_per_epoch != stream_steps and self.is_main:
+            log.info("using %d of %d batches per epoch (a multiple of train.grad_accum=%d)",
+                     self.micro_per_epoch, stream_steps, self.accum)
+        self.total_steps = self.cfg.train.epochs * self.micro_per_epoch // self.accum
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -231,7 +246,7 @@ class Trainer:
             return self.checkpointer.dir / ckpt.tag_for(self.step)
         t0 = time.perf_counter()
         tag = self.checkpointer.save(self.engine, self.step, self._client_state())
-        if getattr(self, "timer", None) is not None:
+        if self.timer is not None:
             self.timer.exclude(time.perf_counter() - t0)
         return tag
 
@@ -301,52 +316,46 @@ class Trainer:
         """Forward, agree on finiteness/stop across ranks, backward, optimizer step. Returns
         (an optimizer step happened, all ranks agreed to stop)."""
         images = batch["images"].to(self.device, dtype=self.dtype, non_blocking=True)
-        pids = batch["pid"].to(self.device, non_blocking=True)
-        camera = batch["camera"].to(self.device, non_blocking=True)
-        modality = batch["modality"].to(self.device, non_blocking=True)
+        pids, camera, modality = (batch[k].to(self.device, non_blocking=True) for k in ("pid", "camera", "modality"))
+        running_stats = [(b, b.detach().clone()) for b in self.engine.module.buffers()]  # BatchNorm statistics
 
-        running_stats = [(b, b.detach().clone()) for b in self.engine.module.buffers()]  # BN stats
-        out = self.engine(images, modality, camera)
-        loss, parts = self.loss_fn(to_float32(self.engine.module.unpack(out)), pids, modality, self.epoch)
+        out = self.engine.module.unpack(self.engine(images, modality, camera))
+        loss, parts = self.loss_fn(to_float32(out), pids, modality, self.epoch)
 
-        names = sorted(k for k in parts if k != "total")  # "loss" is the total
-        stats = torch.tensor([float(loss.detach()), *(float(parts[k]) for k in names),
-                              0.0, float(self._stop)], dtype=torch.float64)
-        stats[-2] = float(not math.isfinite(stats[0].item()))
-        all_reduce_sum(stats)  # one collective: mean losses, "any rank non-finite", "any rank stopping"
-        bad, stop = stats[-2].item() > 0, stats[-1].item() > 0
-        world = self.env.world_size
-        if bad:  # leave no trace: undo the forward's BatchNorm statistics, skip backward and step
+        # one collective: summed loss parts, "some rank's loss is non-finite", "some rank got SIGTERM"
+        names = ["loss", *sorted(k for k in parts if k != "total")]
+        values = [float(loss.detach()), *(float(parts[k]) for k in names[1:])]
+        stats = all_reduce_sum(torch.tensor([*values, not math.isfinite(values[0]), self._stop], dtype=torch.float64))
+        bad, stop = bool(stats[-2] > 0), bool(stats[-1] > 0)
+        if bad:  # leave no trace: restore the BatchNorm statistics, no backward, no step
             for buf, saved in running_stats:
                 buf.copy_(saved)
-            self.timer.add(data_wait, images.shape[0], 0)
+            self.timer.add(data_wait, images.shape[0], optimizer_steps=0)
             return self._skip_bad_step(), stop
 
-        boundary = self._at_next_boundary()
+        boundary = bool(self.engine.is_gradient_accumulation_boundary())
         if boundary:
             set_lr(self.optimizer, self.step, self.micro_per_epoch / self.accum, self.cfg.optim)
         self.engine.backward(loss)
         grad_norm = self._grad_norm_stage0() if boundary and self.cfg.train.zero_stage == 0 else None
         self.engine.step()
         self.bad_in_row = 0
-        self._accumulate({"loss": stats[0].item() / world, **{k: stats[i + 1].item() / world for i, k in enumerate(names)}})
+        self._accumulate(dict(zip(names, (stats[:-2] / self.env.world_size).tolist())))
         if boundary:
-            if grad_norm is None:
-                gn = self.engine.get_global_grad_norm()
-                grad_norm = float(gn) if gn is not None else float("nan")
-            self._accumulate({"grad_norm": grad_norm})
-        self.timer.add(data_wait, images.shape[0], int(boundary))
+            self._accumulate({"grad_norm": grad_norm if grad_norm is not None else self._grad_norm_zero()})
+        self.timer.add(data_wait, images.shape[0], optimizer_steps=int(boundary))
         return boundary, stop
 
     # ------------------------------------------------------------------------------------------ helpers
 
-    def _at_next_boundary(self) -> bool:
-        """Whether the micro-batch about to be stepped completes a gradient-accumulation cycle."""
-        return bool(self.engine.is_gradient_accumulation_boundary())
-
     def _at_boundary(self) -> bool:
         """No gradients pending: the last micro-batch closed an accumulation cycle."""
         return int(self.engine.micro_steps) % self.accum == 0
+
+    def _grad_norm_zero(self) -> float:
+        """Global gradient norm that the ZeRO optimizer computed during its step."""
+        gn = self.engine.get_global_grad_norm()
+        return float(gn) if gn is not None else float("nan")
 
     def _grad_norm_stage0(self) -> float:
         """Global L2 norm of the (already all-reduced) gradients; DeepSpeed reports none without ZeRO."""
@@ -467,7 +476,7 @@ class Trainer:
             if self.is_main:
                 ckpt.export_model(self.run_dir / "model_best.pt", state, self.cfg, self.num_classes, self.num_cameras)
                 log.info("new best %s = %.4f at epoch %d", self.cfg.train.best_metric, value, self.epoch)
-        if getattr(self, "timer", None) is not None:
+        if self.timer is not None:
             self.timer.exclude(time.perf_counter() - t0)
         return metrics
 
