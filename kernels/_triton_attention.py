@@ -9,6 +9,12 @@ Key groups per sample b, head h (never concatenated in memory):
   inst  inst_k[b, h, :Pi]               (instance prompts)
   seq   k[b, h, :S]                     (the sequence)
 The log-sum-exp is kept in base-2 units of the scaled scores (lse2 = m + log2(l)).
+
+Backward (flash-attention-2 style, 3 launches): delta = rowsum(o * do); dq per query block over all
+three groups; dk/dv per key block of any group over all queries. Bank gradients are summed over the
+samples that read each entry with fp32 atomics, or (deterministic mode) written per sample and
+reduced in a fixed order with torch; a batch-broadcast q gets its dq reduced the same two ways.
+Prompt groups shorter than 16 use a 16-wide block (tl.dot's minimum) with the tail masked.
 """
 from __future__ import annotations
 
@@ -23,9 +29,6 @@ LOG2E = 1.4426950408889634
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
 
 
-# --------------------------------------------------------------------------------------------
-# forward
-# --------------------------------------------------------------------------------------------
 # Only builtins of triton.language are called (tl.full, tl.reduce, ...), never its @jit helpers
 # (tl.zeros, tl.max, tl.sum): those are compiled-or-interpreted according to TRITON_INTERPRET when
 # `triton` was first imported, which would break the interpreted copy of this module otherwise.
@@ -45,6 +48,9 @@ _max_combine = getattr(tl.standard, "_elementwise_max", _own_max_combine)
 _add_combine = getattr(tl.standard, "_sum_combine", _own_add_combine)
 
 
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_group(acc, l_i, m_i, q, K, V, skn, skd, svn, svd, L, qk_scale,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
