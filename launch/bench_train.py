@@ -22,27 +22,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mip_dist.data.shards import write_shards  # noqa: E402
-from mip_dist.data.synthetic import generate_synthetic  # noqa: E402
+from mip_dist.config import load_config  # noqa: E402
+from mip_dist.data.prepare import ensure_synthetic_shards  # noqa: E402
 from mip_dist.engine.distributed import free_port  # noqa: E402
 
 TRAIN = str(REPO / "launch" / "train.py")
 
 
-def make_shards(work: Path, img_size: tuple[int, int], ids: int, per_camera: int) -> Path:
-    """Synthetic SYSU-layout data and its shards under `work` (reused when already there)."""
-    tag = f"{img_size[0]}x{img_size[1]}_{ids}_{per_camera}"
-    root = generate_synthetic(str(work / f"synthetic_{tag}"), num_train_ids=ids, num_test_ids=4,
-                              images_per_camera=per_camera, seed=0, layout="sysu", img_size=img_size)
-    out = work / f"shards_{tag}"
-    write_shards("synthetic", str(root), str(out), workers=2, progress=False)
-    return out
+def synthetic_data(config: str, work: Path, tag: str, ids: int, per_camera: int, extra: list[str]) -> list[str]:
+    """Overrides pointing a config at a synthetic SYSU-layout set under `work`, made now (reused if there)."""
+    ov = ["data.dataset=synthetic", f"data.root={work / ('synthetic_' + tag)}",
+          f"data.shards={work / ('shards_' + tag)}", f"data.synthetic_ids={ids}", "data.synthetic_test_ids=4",
+          f"data.synthetic_images_per_camera={per_camera}"]
+    ensure_synthetic_shards(load_config(REPO / config, ov + extra).data, progress=False)
+    return ov
 
 
-def run(cmd: list[str], run_dir: Path, warmup: int, images_per_step: int) -> dict:
-    """Launch one training run; img/s over the steps after `warmup` from its metrics.jsonl."""
+def run(cmd: list[str], run_dir: Path, warmup: int, images_per_step: int, threads: int | None = None) -> dict:
+    """Launch one training run (OMP_NUM_THREADS=threads per rank if given); img/s over the steps after
+    `warmup` from its metrics.jsonl."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
@@ -54,46 +55,51 @@ def run(cmd: list[str], run_dir: Path, warmup: int, images_per_step: int) -> dic
             "data_wait": sum(r["data_wait"] * r["step_time"] for r in timed) / seconds}
 
 
-def overrides(shards: Path, out: Path, name: str, steps: int, extra: list[str]) -> list[str]:
+def overrides(data: list[str], out: Path, name: str, steps: int, extra: list[str]) -> list[str]:
     """Common run overrides: one epoch of `steps` steps, log every step, no eval, no step checkpoints."""
-    return [f"data.shards={shards}", f"data.steps_per_epoch={steps}", "train.epochs=1",
-            "train.log_every=1", "train.eval_every_epochs=0", "train.ckpt_every_steps=0",
-            f"train.output_dir={out}", f"train.run_name={name}", *extra]
+    return [*data, f"data.steps_per_epoch={steps}", "train.epochs=1", "train.log_every=1",
+            "train.eval_every_epochs=0", "train.ckpt_every_steps=0", f"train.output_dir={out}",
+            f"train.run_name={name}", *extra]
 
 
 def cpu_bench(args: argparse.Namespace, work: Path) -> None:
-    """Tiny config, 1 rank vs 2 ranks (gloo) on this machine."""
-    shards = make_shards(work, (128, 64), ids=16, per_camera=4)
+    """Tiny config on this machine's cores: 1 rank (all cores, and 1 core) vs 2 ranks (half the cores each)."""
     out = work / "runs"
     batch = 16
+    cores = os.cpu_count() or 2
     extra = ["data.workers=1", "train.device=cpu", f"data.batch_size={batch}", *args.override]
-    results: dict[str, list[dict]] = {"1 rank": [], "2 ranks": []}
+    data = synthetic_data("configs/tiny.yaml", work, "tiny", ids=32, per_camera=4, extra=extra)
+    half = max(1, cores // 2)
+    plans = {f"1 rank x {cores} threads": (1, cores), f"2 ranks x {half} threads": (2, half),
+             "1 rank x 1 thread": (1, 1)}
+    results: dict[str, list[dict]] = {k: [] for k in plans}
     for rep in range(args.repeats):
-        for label, world in (("1 rank", 1), ("2 ranks", 2)):
-            name = f"cpu_{world}r_{rep}_{int(time.time())}"
-            ov = overrides(shards, out, name, args.steps, extra)
+        for label, (world, threads) in plans.items():
+            name = f"cpu_{world}r{threads}t_{rep}_{time.time_ns()}"
+            ov = overrides(data, out, name, args.steps, extra)
             if world == 1:
                 cmd = [sys.executable, TRAIN, "--config", "configs/tiny.yaml", *ov]
             else:
-                cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port",
                        str(free_port()), TRAIN, "--config", "configs/tiny.yaml", *ov]
-            results[label].append(run(cmd, out / name, args.warmup, batch * world))
-    report("CPU, tiny config (fp32, batch 16 per rank)", results, base="1 rank")
+            results[label].append(run(cmd, out / name, args.warmup, batch * world, threads))
+    report(f"CPU ({cores} cores), tiny config (fp32, batch {batch} per rank, gloo)", results,
+           base=f"1 rank x {cores} threads")
 
 
 def gpu_bench(args: argparse.Namespace, work: Path) -> None:
     """Paper setting in bf16 on one GPU: fused Triton prompt attention vs literal concatenation."""
-    shards = make_shards(work, (256, 128), ids=32, per_camera=4)
     out = work / "runs"
     batch = 64
     extra = ["data.workers=6", "train.precision=bf16", f"data.batch_size={batch}", "model.pretrained=",
              *args.override]
+    data = synthetic_data("configs/mip_vitb16_sysu.yaml", work, "vitb", ids=32, per_camera=4, extra=extra)
     results: dict[str, list[dict]] = {"concat": [], "triton": []}
     for rep in range(args.repeats):
         for impl in ("concat", "triton"):
-            name = f"gpu_{impl}_{rep}_{int(time.time())}"
+            name = f"gpu_{impl}_{rep}_{time.time_ns()}"
             cmd = [sys.executable, TRAIN, "--config", "configs/mip_vitb16_sysu.yaml",
-                   *overrides(shards, out, name, args.steps, extra + [f"attention.impl={impl}"])]
+                   *overrides(data, out, name, args.steps, extra + [f"attention.impl={impl}"])]
             results[impl].append(run(cmd, out / name, args.warmup, batch))
     report("GPU, ViT-B/16 256x128 batch 64 bf16 (paper setting)", results, base="concat")
 
@@ -103,7 +109,7 @@ def report(title: str, results: dict[str, list[dict]], base: str) -> None:
     print(f"\n{title}")
     best = {k: max(v, key=lambda r: r["img_s"]) for k, v in results.items()}
     for label, r in best.items():
-        print(f"  {label:>8}: {r['img_s']:8.1f} img/s  ({r['steps']} timed steps, data wait "
+        print(f"  {label:>22}: {r['img_s']:8.1f} img/s  ({r['steps']} timed steps, data wait "
               f"{100 * r['data_wait']:.0f}%, run wall {r['wall_s']:.0f}s)")
     for label, r in best.items():
         if label != base:

@@ -60,7 +60,8 @@ def launcher_env(local_rank_arg: int = -1) -> dict[str, str]:
         env.setdefault("MASTER_PORT", str(free_port()))
     missing = [k for k in _LAUNCH_VARS if k not in env]
     if missing:
-        raise RuntimeError(f"launcher left {', '.join(missing)} unset; start with python, deepspeed or accelerate launch")
+        raise RuntimeError(f"launcher left {', '.join(missing)} unset; "
+                           "start with python, deepspeed or accelerate launch")
     return env
 
 

@@ -100,7 +100,8 @@ def lr_multiplier(epoch: float, cfg: OptimConfig) -> float:
     cycle = math.floor(epoch / cfg.restart_epochs)
     t_in_cycle = epoch - cycle * cfg.restart_epochs
     peak = cfg.restart_decay ** cycle
-    return cfg.min_lr_factor + 0.5 * (peak - cfg.min_lr_factor) * (1.0 + math.cos(math.pi * t_in_cycle / cfg.restart_epochs))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * t_in_cycle / cfg.restart_epochs))
+    return cfg.min_lr_factor + (peak - cfg.min_lr_factor) * cosine
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, steps_per_epoch: float, cfg: OptimConfig) -> float:

@@ -370,8 +370,10 @@ class Trainer:
             log.warning("non-finite loss at step %d (epoch %d): batch skipped (%d in a row, %d total)",
                         self.step, self.epoch, self.bad_in_row, self.bad_total)
         if self.bad_in_row > self.cfg.train.max_bad_steps:
-            tag = self.save() if self._at_boundary() else self.checkpointer.dir / ckpt.tag_for(self.checkpointer.last_saved_step)
-            self.metrics.write({"kind": "abort", "step": self.step, "epoch": self.epoch, "bad_steps_total": self.bad_total})
+            last_good = self.checkpointer.dir / ckpt.tag_for(self.checkpointer.last_saved_step)
+            tag = self.save() if self._at_boundary() else last_good
+            self.metrics.write({"kind": "abort", "step": self.step, "epoch": self.epoch,
+                                "bad_steps_total": self.bad_total})
             self.metrics.close()
             raise TrainingDiverged(
                 f"{self.bad_in_row} non-finite losses in a row (train.max_bad_steps={self.cfg.train.max_bad_steps}) "
