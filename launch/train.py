@@ -52,6 +52,11 @@ def preflight(cfg, world_size: int, resume: str | None) -> None:
     from mip_dist.engine.trainer import RunDirError, resolve_run_dir
 
     load_ds_config(cfg, world_size)
+    pretrained = cfg.model.pretrained
+    if pretrained and not pretrained.startswith("timm:") and not Path(pretrained).is_file():
+        raise ConfigError(f"model.pretrained: no such file {pretrained!r}; download the timm ViT checkpoint there, "
+                          "pass model.pretrained=timm:<name> to let timm download it, or model.pretrained='' "
+                          "to train from scratch")
     if cfg.data.dataset == "synthetic" and not cfg.data.train_urls:
         prepare_synthetic(cfg, world_size)
     if not cfg.data.train_urls and not (Path(cfg.data.shards) / "index.json").is_file():
@@ -94,6 +99,18 @@ def demo_resume(cfg) -> str | None:
     return str(tag)
 
 
+def print_results(run_dir: Path) -> None:
+    """The final evaluation table, if the run wrote one."""
+    import json
+
+    from mip_dist.eval.report import format_table
+
+    path = run_dir / "results.json"
+    if path.is_file():
+        print(format_table(json.loads(path.read_text())["results"]))
+        print(f"results: {path}")
+
+
 def leave(code: int) -> None:
     """Exit now after an error inside the process group (interpreter teardown with live gloo threads
     can abort the process and hide the exit code)."""
@@ -134,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     shutdown()
     if env.is_main:
         print(f"{summary['status']}: step {summary['step']}, run directory {summary['run_dir']}")
+        print_results(Path(summary["run_dir"]))
     return EXIT_SIGTERM if summary["status"] == "interrupted" else 0
 
 

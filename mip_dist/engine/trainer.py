@@ -169,6 +169,8 @@ class Trainer:
         self.num_classes, self.num_cameras = int(self.index["num_classes"]), int(self.index["num_cameras"])
         self._build_model = build_model
         model = build_model(cfg.model, cfg.attention, num_classes=self.num_classes, num_cameras=self.num_cameras)
+        if cfg.model.pretrained:  # before freezing and before the engine copies the weights
+            model.load_pretrained(cfg.model.pretrained)
         if cfg.optim.freeze_backbone:
             log.info("prompt tuning: froze %d backbone parameters", freeze_backbone(model, param_category))
         groups = build_param_groups(model.named_parameters(), cfg.optim, param_category)
@@ -446,7 +448,7 @@ class Trainer:
         return ckpt.consolidated_state_dict(self.engine, tag, self.cfg.train.zero_stage,
                                             self.dtype == torch.float32, strip_prefix="model.")
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, final: bool = False) -> dict[str, float]:
         """Evaluate a consolidated fp32 copy on rank 0; track the best checkpoint by train.best_metric."""
         try:
             from mip_dist.engine.evaluator import evaluate
@@ -465,7 +467,7 @@ class Trainer:
             results = evaluate(model, self.cfg.data, self.cfg.eval, self.index, device=self.device)
             del model
             metrics = {k: float(v) for k, v in results.items() if isinstance(v, (int, float))}
-            self._report(results)
+            self._report(results, final)
         metrics = broadcast_object(metrics)
         self.metrics.write({"kind": "eval", "step": self.step, "epoch": self.epoch, **metrics}, prefix="eval")
         value = metrics.get(self.cfg.train.best_metric)
@@ -482,13 +484,13 @@ class Trainer:
             self.timer.exclude(time.perf_counter() - t0)
         return metrics
 
-    def _report(self, results: dict) -> None:
-        """Rank 0: the protocol table in the log, results.json + CMC plot under run_dir/eval/epochNNN."""
+    def _report(self, results: dict, final: bool) -> None:
+        """Rank 0: the protocol table in the log, results.json + CMC plot in run_dir (final) or run_dir/eval/epochNNN."""
         try:
             from mip_dist.eval.report import format_table, write_results
 
             log.info("evaluation after epoch %d:\n%s", self.epoch, format_table(results))
-            write_results(results, self.run_dir / "eval" / f"epoch{self.epoch:03d}",
+            write_results(results, self.run_dir if final else self.run_dir / "eval" / f"epoch{self.epoch:03d}",
                           meta={"epoch": self.epoch, "step": self.step, "run_dir": str(self.run_dir)})
         except Exception as exc:  # reporting must never end a training run
             log.warning("could not write the evaluation report: %s", exc)
@@ -496,7 +498,7 @@ class Trainer:
     def _finish(self) -> None:
         """Final evaluation (if evaluation is on) and the consolidated model_final.pt."""
         if self.cfg.train.eval_every_epochs > 0:
-            self._evaluate()
+            self._evaluate(final=True)
         state = self._consolidated()
         if self.is_main:
             ckpt.export_model(self.run_dir / "model_final.pt", state, self.cfg, self.num_classes, self.num_cameras)
