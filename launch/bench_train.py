@@ -1,8 +1,10 @@
 """Training throughput, measured side by side in one run.
 
-CPU (always): the tiny config trained with 1 rank (`python launch/train.py`) and with 2 ranks
-(`deepspeed --num_gpus 2 launch/train.py`, gloo) on the same synthetic shards; prints img/s of each
-and the 2-rank / 1-rank ratio.
+CPU (always): the tiny config trained with 1 rank (`python launch/train.py`, all cores, and one core)
+and with 2 ranks (`deepspeed --num_gpus 2 launch/train.py`, gloo, half the cores each) on the same
+synthetic shards; prints img/s of each and the ratios to one rank on one core. (On a machine shared
+with other work, a multi-threaded single process can be far slower than its thread count suggests:
+idle OpenMP threads spin; the per-configuration thread budgets make that visible.)
 GPU (when CUDA is present): the paper setting (ViT-B/16, 256x128, batch 64, bf16) on one GPU with
 attention.impl=triton vs attention.impl=concat; prints img/s of each and the ratio.
 
@@ -83,8 +85,7 @@ def cpu_bench(args: argparse.Namespace, work: Path) -> None:
                 cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port",
                        str(free_port()), TRAIN, "--config", "configs/tiny.yaml", *ov]
             results[label].append(run(cmd, out / name, args.warmup, batch * world, threads))
-    report(f"CPU ({cores} cores), tiny config (fp32, batch {batch} per rank, gloo)", results,
-           base=f"1 rank x {cores} threads")
+    report(f"CPU ({cores} cores), tiny config (fp32, batch {batch} per rank, gloo)", results, base="1 rank x 1 thread")
 
 
 def gpu_bench(args: argparse.Namespace, work: Path) -> None:
