@@ -24,6 +24,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="auto: newest finished checkpoint of the run (if any); PATH: a checkpoint tag or run dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p.add_argument("--ablation", action="store_true",
+                   help="train the baseline ViT and MIP on the same data (default config: configs/demo_ablation.yaml) "
+                        "one after the other and print their results side by side")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=0.02")
     return p.parse_args(argv)
 
@@ -99,6 +102,37 @@ def demo_resume(cfg) -> str | None:
     return str(tag)
 
 
+BASELINE = ["model.use_mpl=false", "model.use_ipg=false", "model.iael_heads=false", "loss.iael=false"]
+
+
+def run_ablation(args: argparse.Namespace) -> int:
+    """Baseline vs MIP: two single-process runs of the same config, then one table with both."""
+    import json
+    import subprocess
+    import time
+
+    from mip_dist.eval.report import format_table
+
+    config = args.config or str(REPO / "configs" / "demo_ablation.yaml")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    merged = {}
+    for name, extra in (("baseline", BASELINE), ("mip", [])):
+        run_name = f"ablation-{stamp}-{name}"
+        print(f"== training {name} ({run_name})", flush=True)
+        cmd = [sys.executable, __file__, "--config", config, *args.overrides, *extra, f"train.run_name={run_name}"]
+        code = subprocess.call(cmd)
+        if code != 0:
+            print(f"error: the {name} run exited with code {code}", file=sys.stderr)
+            return code
+        from mip_dist.config import load_config
+
+        out_dir = Path(load_config(config, args.overrides).train.output_dir) / run_name
+        results = json.loads((out_dir / "results.json").read_text())["results"]
+        merged.update({f"{name}:{k}": v for k, v in results.items() if isinstance(v, dict)})
+    print(format_table(dict(sorted(merged.items(), key=lambda kv: kv[0].split(":")[1]))))
+    return 0
+
+
 def print_results(run_dir: Path) -> None:
     """The final evaluation table, if the run wrote one."""
     import json
@@ -122,6 +156,8 @@ def leave(code: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.ablation:
+        return run_ablation(args)
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     from mip_dist.config import ConfigError, load_config

@@ -80,7 +80,9 @@ def test_bad_override_fails_before_process_group(tmp_path):
 
 
 def test_missing_shards_fail_before_process_group(tmp_path):
-    r = _train(["--config", "configs/tiny.yaml", f"data.shards={tmp_path}/nowhere", f"train.output_dir={tmp_path}"])
+    # a real dataset: the synthetic one would be generated on demand
+    r = _train(["--config", "configs/tiny.yaml", "data.dataset=sysu", f"data.shards={tmp_path}/nowhere",
+                f"train.output_dir={tmp_path}"])
     assert r.returncode == 2 and "data.shards" in r.stderr and "index.json" in r.stderr, r.stderr
     assert PG_STARTED not in r.stderr + r.stdout
 
