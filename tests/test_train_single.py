@@ -207,3 +207,18 @@ def test_gradient_accumulation_steps_once_per_cycle(setup):
     state = torch.load(run_dir / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt",
                        map_location="cpu", weights_only=False)
     assert state["global_steps"] == 2 and state["micro_in_epoch"] == 0 and state["epoch"] == 1
+
+
+def test_bf16_run_exports_fp32_master_weights(setup):
+    """bf16 without ZeRO: BatchNorm buffers follow the 16-bit dtype, the export holds the fp32 masters."""
+    root, base = setup
+    args = base + ["train.precision=bf16", "train.epochs=1", "train.run_name=bf16"]
+    r = subprocess.run([sys.executable, TRAIN, "--config", "configs/tiny.yaml", *args], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run_dir = root / "runs" / "bf16"
+    assert all(torch.isfinite(torch.tensor(losses(run_dir))))
+    final = load_exported(run_dir / "model_final.pt")["model"]
+    trained = final["mpl.bank"]
+    assert trained.dtype == torch.float32
+    assert not torch.equal(trained, trained.bfloat16().float())  # finer than bf16: the fp32 master copy

@@ -137,7 +137,8 @@ def consolidated_state_dict(engine: Any, tag_dir: Optional[Path], zero_stage: in
     """The full fp32 model state on rank 0 (None elsewhere), keys without `strip_prefix`.
 
     ZeRO-3 (and ZeRO-1/2 with 16-bit weights) read the fp32 master weights back from a saved tag with
-    DeepSpeed's zero_to_fp32; otherwise the engine's own (already full) module state is used.
+    DeepSpeed's zero_to_fp32; otherwise the engine's own (already full) module state is used, with the
+    16-bit optimizer's fp32 master copies in place of 16-bit parameters.
     """
     if engine.global_rank != 0:
         return None
@@ -148,7 +149,11 @@ def consolidated_state_dict(engine: Any, tag_dir: Optional[Path], zero_stage: in
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:
-        sd = engine.module.state_dict()
+        sd = dict(engine.module.state_dict())
+        masters = _fp32_masters(engine.optimizer)
+        for name, p in engine.module.named_parameters():
+            if id(p) in masters:
+                sd[name] = masters[id(p)]
     out = {}
     for k, v in sd.items():
         if strip_prefix and k.startswith(strip_prefix):
@@ -156,6 +161,24 @@ def consolidated_state_dict(engine: Any, tag_dir: Optional[Path], zero_stage: in
         v = v.detach().cpu()
         out[k] = v.float().clone() if v.is_floating_point() else v.clone()
     return out
+
+
+def _fp32_masters(optimizer: Any) -> dict[int, torch.Tensor]:
+    """id(16-bit param) -> its fp32 master copy, from DeepSpeed's non-ZeRO 16-bit optimizer wrappers
+    (FP16_UnfusedOptimizer keeps per-param masters, FP16_Optimizer flat ones); {} for anything else."""
+    groups16 = getattr(optimizer, "fp16_groups", None)
+    if not groups16:
+        return {}
+    per_param = getattr(optimizer, "fp32_groups", None)
+    if per_param is not None and len(per_param) == len(groups16):
+        return {id(p): m for g16, g32 in zip(groups16, per_param) for p, m in zip(g16, g32)}
+    flats = getattr(optimizer, "fp32_groups_flat", None)
+    if flats is not None and len(flats) == len(groups16):
+        from torch._utils import _unflatten_dense_tensors
+
+        return {id(p): m for g16, flat in zip(groups16, flats)
+                for p, m in zip(g16, _unflatten_dense_tensors(flat, g16))}
+    return {}
 
 
 def export_model(path: Path, state_dict: dict, cfg: Config, num_classes: int, num_cameras: int) -> Path:

@@ -34,6 +34,8 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "zero_optimization": dict(_ZERO_DEFAULTS[t.zero_stage]),
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": dict(_FP16) if t.precision == "fp16" else {"enabled": False},
+        # DeepSpeed casts only parameters to 16 bits; BatchNorm needs its running stats in the same dtype
+        "data_types": {"buffer_dtype": t.precision},
         "zero_allow_untested_optimizer": True,  # the client SGD/AdamW with our param groups
         "steps_per_print": 1_000_000_000,  # the trainer logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
@@ -94,6 +96,10 @@ def load_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"train.deepspeed_config: {path} trains in {precision} but train.precision="
                           f"{cfg.train.precision}")
     ds = dict(ds)
+    buffer_dtype = ds.get("data_types", {}).get("buffer_dtype", "fp32")
+    if precision != "fp32" and buffer_dtype not in (precision, "bfloat16" if precision == "bf16" else "float16"):
+        raise ConfigError(f"train.deepspeed_config: {path} trains in {precision} but keeps buffers in "
+                          f"{buffer_dtype}; BatchNorm needs data_types.buffer_dtype={precision!r}")
     ds.setdefault("gradient_accumulation_steps", cfg.train.grad_accum)
     ds.setdefault("train_batch_size", micro * cfg.train.grad_accum * world_size)
     ds.setdefault("zero_allow_untested_optimizer", True)
