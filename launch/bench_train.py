@@ -85,7 +85,10 @@ def cpu_bench(args: argparse.Namespace, work: Path) -> None:
                 cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port",
                        str(free_port()), TRAIN, "--config", "configs/tiny.yaml", *ov]
             results[label].append(run(cmd, out / name, args.warmup, batch * world, threads))
-    report(f"CPU ({cores} cores), tiny config (fp32, batch {batch} per rank, gloo)", results, base="1 rank x 1 thread")
+    best = report(f"CPU ({cores} cores), tiny config (fp32, batch {batch} per rank, gloo)", results,
+                  base="1 rank x 1 thread")
+    one, two = best[f"1 rank x {cores} threads"]["img_s"], best[f"2 ranks x {half} threads"]["img_s"]
+    print(f"  ratio 2 ranks / 1 rank on the same {cores} cores: {two / one:.2f}x")
 
 
 def gpu_bench(args: argparse.Namespace, work: Path) -> None:
@@ -105,8 +108,8 @@ def gpu_bench(args: argparse.Namespace, work: Path) -> None:
     report("GPU, ViT-B/16 256x128 batch 64 bf16 (paper setting)", results, base="concat")
 
 
-def report(title: str, results: dict[str, list[dict]], base: str) -> None:
-    """Print img/s per configuration (best of repeats) and the ratio to `base`."""
+def report(title: str, results: dict[str, list[dict]], base: str) -> dict[str, dict]:
+    """Print img/s per configuration (best of repeats) and the ratio to `base`; returns the best runs."""
     print(f"\n{title}")
     best = {k: max(v, key=lambda r: r["img_s"]) for k, v in results.items()}
     for label, r in best.items():
@@ -115,6 +118,7 @@ def report(title: str, results: dict[str, list[dict]], base: str) -> None:
     for label, r in best.items():
         if label != base:
             print(f"  ratio {label} / {base}: {r['img_s'] / best[base]['img_s']:.2f}x")
+    return best
 
 
 def main() -> None:
