@@ -72,15 +72,16 @@ def preflight(cfg, world_size: int, resume: str | None) -> None:
 
 
 def prepare_synthetic(cfg, world_size: int, wait_s: float = 1800.0) -> None:
-    """Make the embedded synthetic set and its shards if missing: local rank 0 writes, other ranks wait."""
+    """Make the embedded synthetic set and its shards if data.shards has none: local rank 0 writes, others wait."""
     import time
 
     from mip_dist.data.prepare import ensure_synthetic_shards
 
     index = Path(cfg.data.shards) / "index.json"
+    if index.is_file():  # existing shards are never rewritten by a training start
+        return
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 or world_size == 1:
-        if not index.is_file():
-            print(f"preparing the synthetic visible-infrared set at {cfg.data.root} -> shards {cfg.data.shards}")
+        print(f"preparing the synthetic visible-infrared set at {cfg.data.root} -> shards {cfg.data.shards}")
         ensure_synthetic_shards(cfg.data, progress=int(os.environ.get("RANK", "0")) == 0)
         return
     deadline = time.monotonic() + wait_s
