@@ -82,6 +82,7 @@ class DataConfig:
     resampled: bool = False
     steps_per_epoch: int = 0  # 0 = derived from the train sample count and world size
     channel_aug: bool = False
+    augment: Literal["paper", "light"] = "paper"  # light: no jitter/blur/erasing/grayscale (small from-scratch models)
     max_error_rate: float = 0.01
     regdb_split: int = 1
     # synthetic generator (embedded default)

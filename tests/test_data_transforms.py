@@ -63,3 +63,14 @@ def test_random_channel_replaces_colour():
         out = RandomChannel(p=1.0)(img)
         assert out.shape == img.shape and torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
     assert torch.equal(RandomChannel(p=0.0)(img), img)
+
+
+def test_light_augment_keeps_geometry_and_grayscale_only():
+    names = lambda tf: [type(t).__name__ for t in tf.transforms]  # noqa: E731
+    light, paper = names(train_transform((64, 32), "light")), names(train_transform((64, 32), "paper"))
+    assert "RandomGrayscale" in light and "RandomCrop" in light
+    assert not {"RandomErasing", "RandomChoice"} & set(light) and {"RandomErasing", "RandomChoice"} <= set(paper)
+    img = decode_rgb(_encode("RGB", "JPEG"), "jpg")
+    assert train_transform((64, 32), "light")(img).shape == (3, 64, 32)
+    with pytest.raises(ValueError, match="augment"):
+        train_transform((64, 32), "heavy")

@@ -375,6 +375,7 @@ class _StreamSpec:
     resampled: bool
     channel_aug: bool
     max_error_rate: float
+    augment: str = "paper"
 
 
 def worker_share(steps: int, worker: int, num_workers: int) -> int:
@@ -407,7 +408,7 @@ class _EpochShare(IterableDataset):
                             world_size=sp.world_size, worker=w, num_workers=nw, resampled=sp.resampled)
         rng = np.random.default_rng(_seed(sp.seed, self.epoch, sp.rank, w, 1))
         buf = PKBuffer(sp.buffer_size, rng)
-        tf = train_transform(sp.img_size)
+        tf = train_transform(sp.img_size, sp.augment)
         channel = RandomChannel(0.5) if sp.channel_aug else None
 
         def decode(s: RawSample) -> Optional[torch.Tensor]:
@@ -534,7 +535,8 @@ def build_train_stream(data_cfg: DataConfig, *, seed: int, rank: int, world_size
     spec = _StreamSpec(urls=tuple(urls), seed=seed, rank=rank, world_size=world_size, steps_per_epoch=steps,
                        num_ids=num_ids, num_instances=data_cfg.num_instances, buffer_size=buffer,
                        img_size=tuple(data_cfg.img_size), resampled=data_cfg.resampled,
-                       channel_aug=data_cfg.channel_aug, max_error_rate=data_cfg.max_error_rate)
+                       channel_aug=data_cfg.channel_aug, max_error_rate=data_cfg.max_error_rate,
+                       augment=data_cfg.augment)
     log.info("train stream rank %d/%d: %d shards, %d steps/epoch, batch %d = %d ids x (%d vis + %d ir), "
              "%d workers%s", rank, world_size, len(urls), steps, b, num_ids, data_cfg.num_instances,
              data_cfg.num_instances, data_cfg.workers, ", resampled" if data_cfg.resampled else "")

@@ -62,20 +62,34 @@ class RandomChannel(torch.nn.Module):
         return v2.functional.rgb_to_grayscale(img, num_output_channels=3)
 
 
-def train_transform(img_size: tuple[int, int]) -> v2.Compose:
-    """The paper's training augmentation on a uint8 [3, H, W] tensor -> float32 normalised."""
+def train_transform(img_size: tuple[int, int], augment: str = "paper") -> v2.Compose:
+    """Training augmentation on a uint8 [3, H, W] tensor -> float32 normalised.
+
+    "paper": MIP's chain (resize, flip, pad+crop, jitter-or-blur, erasing, grayscale); "light": resize,
+    flip, pad+crop and grayscale only (grayscale is what bridges colour and infrared), for small models
+    trained from scratch (the demo), where blur and erasing on 64-pixel-wide images hide the signal."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment {augment!r} is not one of {AUGMENTS}")
     h, w = int(img_size[0]), int(img_size[1])
-    return v2.Compose([
+    geometric = [
         v2.Resize((h, w), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(0.5),
         v2.Pad(10),
         v2.RandomCrop((h, w)),
+    ]
+    if augment == "light":
+        return v2.Compose(geometric + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD),
+                                       v2.RandomGrayscale(0.5)])
+    return v2.Compose(geometric + [
         v2.RandomChoice([v2.ColorJitter(brightness=0.3, contrast=0.3), v2.GaussianBlur(21, sigma=(0.1, 3.0))]),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(MEAN, STD),
         v2.RandomErasing(0.5, value="random"),
         v2.RandomGrayscale(0.5),
     ])
+
+
+AUGMENTS = ("paper", "light")
 
 
 def eval_transform(img_size: tuple[int, int]) -> v2.Compose:
