@@ -63,7 +63,7 @@ class PromptedBlock(Block):
     ) -> Tensor:
         """Exact compute: x [B, N, C] attends to [bank[bank_index] | inst | x]; bank [M, Pm, C], inst [B, Pi, C]."""
         if getattr(self.attn, "gate", None) is not None:
-            raise NotImplementedError("gated attention is not supported by the prompted forward")
+            raise ValueError("timm gated attention (attn.gate) is not supported by the prompted forward")
         q, k, v = self.qkv_heads(self.norm1(x))
         bank_k = bank_v = inst_k = inst_v = None
         if bank is not None:
