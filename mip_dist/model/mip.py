@@ -203,17 +203,21 @@ class MIP(nn.Module):
     # ------------------------------------------------------------------------------ forward
 
     def _check_labels(self, images: Tensor, modality: Tensor, camera: Optional[Tensor]) -> None:
-        """Clear errors for label tensors the indexing would otherwise fail on obscurely."""
+        """Clear errors for label tensors the indexing would otherwise fail on obscurely.
+
+        Value ranges are read only from CPU tensors: on a GPU the read would sync the device every step
+        (the training hot path), and an out-of-range index there still fails in the embedding lookup."""
         B = images.shape[0]
+        on_host = images.device.type == "cpu"
         if self.num_prompted and self.mpl is not None:
             if modality is None or modality.shape != (B,):
                 raise ValueError(f"modality must be a [B={B}] tensor of 0 (infrared) / 1 (visible)")
-            if B and (int(modality.min()) < 0 or int(modality.max()) > 1):
+            if on_host and B and (int(modality.min()) < 0 or int(modality.max()) > 1):
                 raise ValueError(f"modality values must be 0 (infrared) or 1 (visible); got {modality.tolist()}")
         if self.sie_embed is not None:
             if camera is None or camera.shape != (B,):
                 raise ValueError(f"camera must be a [B={B}] tensor of 0-based camera indices")
-            if B and (int(camera.min()) < 0 or int(camera.max()) >= self.num_cameras):
+            if on_host and B and (int(camera.min()) < 0 or int(camera.max()) >= self.num_cameras):
                 raise ValueError(f"camera indices must be 0-based in [0, {self.num_cameras}); "
                                  f"got min {int(camera.min())}, max {int(camera.max())}")
 
