@@ -2,7 +2,7 @@
 
     python launch/make_shards.py --dataset sysu --root /data/SYSU-MM01 --out shards/sysu
     python launch/make_shards.py --dataset regdb --root /data/RegDB --regdb-split 3 --out shards/regdb3
-    python launch/make_shards.py --dataset synthetic --root .cache/synthetic_sysu --out .cache/synthetic_sysu_shards
+    python launch/make_shards.py --dataset synthetic --root runs/data/synthetic_sysu --out runs/data/synthetic_sysu_shards
 
 For `synthetic`, a root without a dataset is first filled by the synthetic generator (defaults of
 `generate_synthetic`, or the --synthetic-* options). Re-running on unchanged input does nothing.
