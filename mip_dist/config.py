@@ -27,6 +27,9 @@ class ModelConfig:
     img_size: tuple[int, int] = (256, 128)
     patch_size: int = 16
     stride: int = 12
+    stem: Literal["patch", "conv", "hybrid"] = "patch"  # conv / hybrid: a CNN stem, for training from scratch (demo)
+    stem_backbone: str = "resnet18"  # hybrid stem: timm CNN (random init) whose stride-16 features become tokens
+    stem_depth: int = 4  # conv stem: stride-2 layers, so tokens = (H / 2**depth) x (W / 2**depth)
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path: float = 0.1

@@ -187,3 +187,27 @@ def test_build_model_signature_and_impl():
     model = build_model(cfg.model, cfg.attention, num_classes=5, num_cameras=2)
     assert isinstance(model, MIP) and model.attention_impl == "concat"
     assert model.heads[0].classifier.out_features == 5 and model.sie_embed.shape == (2, 1, 128)
+
+
+@pytest.mark.parametrize("stem, grid", [("conv", (8, 4)), ("hybrid", (8, 4))])
+def test_cnn_stems_make_tokens_and_train(stem, grid):
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"model.stem={stem}"])
+    model = make_model(cfg).train()
+    assert model.grid_size == grid and model.pos_embed.shape == (1, 1 + grid[0] * grid[1], cfg.model.embed_dim)
+    images, mod, cam = inputs(cfg, [0, 1, 1, 0])
+    out = model(images, mod, cam)
+    out.logits[0].sum().backward()
+    stem_grads = [p.grad for n, p in model.named_parameters() if n.startswith("patch_embed.")]
+    assert stem_grads and all(g is not None and g.abs().sum() > 0 for g in stem_grads[:1])
+    assert all(param_category(n) == "backbone" for n, _ in model.named_parameters() if n.startswith("patch_embed."))
+    feat = model.eval().extract(images, mod, cam)
+    assert feat.shape == (4, model.feature_dim)
+
+
+def test_cnn_stem_settings_are_checked_by_name():
+    with pytest.raises(ValueError, match="model.stem_depth"):
+        make_model(load_config(CONFIGS / "tiny.yaml", ["model.stem=conv", "model.stem_depth=0"]))
+    with pytest.raises(ValueError, match="model.img_size"):
+        make_model(load_config(CONFIGS / "tiny.yaml", ["model.stem=conv", "model.stem_depth=7", "model.jpm=false"]))
+    with pytest.raises(ValueError, match="model.stem_backbone"):
+        make_model(load_config(CONFIGS / "tiny.yaml", ["model.stem=hybrid", "model.stem_backbone=no_such_net"]))
