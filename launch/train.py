@@ -72,20 +72,21 @@ def preflight(cfg, world_size: int, resume: str | None) -> None:
 
 
 def prepare_synthetic(cfg, world_size: int, wait_s: float = 1800.0) -> None:
-    """Make the embedded synthetic set and its shards if data.shards has none: local rank 0 writes, others wait."""
+    """Make (or remake, after a generator change) the synthetic set and its shards: local rank 0 writes, others wait."""
     import time
 
-    from mip_dist.data.prepare import ensure_synthetic_shards
+    from mip_dist.data.prepare import ensure_synthetic_shards, synthetic_shards_ready
 
     index = Path(cfg.data.shards) / "index.json"
-    if index.is_file():  # existing shards are never rewritten by a training start
+    if synthetic_shards_ready(cfg.data):
         return
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 or world_size == 1:
         print(f"preparing the synthetic visible-infrared set at {cfg.data.root} -> shards {cfg.data.shards}")
+        index.unlink(missing_ok=True)  # stale shards: other ranks wait for the new index, never read the old one
         ensure_synthetic_shards(cfg.data, progress=int(os.environ.get("RANK", "0")) == 0)
         return
     deadline = time.monotonic() + wait_s
-    while not index.is_file():
+    while not synthetic_shards_ready(cfg.data):
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {wait_s:.0f}s for local rank 0 to write {index}")
         time.sleep(2.0)

@@ -28,6 +28,7 @@ class ModelConfig:
     patch_size: int = 16
     stride: int = 12
     stem: Literal["patch", "conv", "hybrid"] = "patch"  # conv / hybrid: a CNN stem, for training from scratch (demo)
+    global_pool: Literal["token", "avg"] = "token"  # global feature: class token (paper) or mean patch token
     stem_backbone: str = "resnet18"  # hybrid stem: timm CNN (random init) whose stride-16 features become tokens
     stem_depth: int = 4  # conv stem: stride-2 layers, so tokens = (H / 2**depth) x (W / 2**depth)
     drop_rate: float = 0.0

@@ -211,3 +211,13 @@ def test_cnn_stem_settings_are_checked_by_name():
         make_model(load_config(CONFIGS / "tiny.yaml", ["model.stem=conv", "model.stem_depth=7", "model.jpm=false"]))
     with pytest.raises(ValueError, match="model.stem_backbone"):
         make_model(load_config(CONFIGS / "tiny.yaml", ["model.stem=hybrid", "model.stem_backbone=no_such_net"]))
+
+
+def test_avg_global_pool_is_the_mean_patch_token():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.jpm=false", "model.global_pool=avg"])
+    model = make_model(cfg).eval()
+    images, mod, cam = inputs(cfg, [0, 1])
+    tokens = model.norm(model._trunk(images, mod, cam).tokens)
+    out = model(images, mod, cam)
+    torch.testing.assert_close(out.global_feat, tokens[:, 1:].mean(1))
+    assert not torch.allclose(out.global_feat, tokens[:, 0])

@@ -121,3 +121,21 @@ def test_identities_match_across_modalities_far_above_chance(tmp_path):
     # control: the same ranking scored against shuffled identities is at chance level
     shuffled = np.random.default_rng(0).permutation(pid[~ir])
     assert np.mean(shuffled[sim.argmax(1)] == pid[ir]) < 2 * chance
+
+
+def test_demo_shards_are_stale_after_a_generator_or_setting_change(tmp_path):
+    import json
+
+    from mip_dist.config import DataConfig
+    from mip_dist.data.prepare import ensure_synthetic_shards, synthetic_shards_ready
+
+    cfg = DataConfig(root=str(tmp_path / "syn"), shards=str(tmp_path / "sh"), synthetic_ids=3, synthetic_test_ids=2,
+                     synthetic_images_per_camera=1, img_size=(32, 16))
+    assert not synthetic_shards_ready(cfg)
+    ensure_synthetic_shards(cfg, workers=1, progress=False)
+    assert synthetic_shards_ready(cfg)
+    assert not synthetic_shards_ready(dataclasses.replace(cfg, synthetic_ids=4))
+    marker = tmp_path / "syn" / ".synthetic.json"
+    saved = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**saved, "version": saved["version"] - 1}))
+    assert not synthetic_shards_ready(cfg)  # written by an older generator: launch/train.py remakes it

@@ -8,9 +8,17 @@ from pathlib import Path
 from mip_dist.config import DataConfig
 
 from .shards import INDEX_NAME, write_shards
-from .synthetic import generate_synthetic
+from .synthetic import generate_synthetic, is_up_to_date
 
 log = logging.getLogger(__name__)
+
+
+def synthetic_shards_ready(data_cfg: DataConfig) -> bool:
+    """True when data.shards has an index and data.root was written by this generator version with these settings."""
+    return (Path(data_cfg.shards) / INDEX_NAME).is_file() and is_up_to_date(
+        data_cfg.root, num_train_ids=data_cfg.synthetic_ids, num_test_ids=data_cfg.synthetic_test_ids,
+        images_per_camera=data_cfg.synthetic_images_per_camera, seed=data_cfg.synthetic_seed, layout="sysu",
+        img_size=tuple(data_cfg.img_size))
 
 
 def ensure_synthetic_shards(data_cfg: DataConfig, *, workers: int | None = None, progress: bool = True) -> dict:

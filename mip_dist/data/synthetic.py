@@ -31,7 +31,7 @@ from PIL import Image, ImageFilter
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 MARKER = ".synthetic.json"
 LAYOUTS = ("sysu", "regdb")
 
@@ -41,6 +41,7 @@ MATERIALS: dict[str, float] = {
 }
 MATERIAL_NAMES = tuple(MATERIALS)
 INK_EMISSION = 0.8  # printed patterns (stripes, checks, logo): an ink layer emitting less than the cloth
+BLUR_REFERENCE_HEIGHT = 256  # camera blur radii are in pixels of a 256-high image; scaled with the image size
 PATTERNS = ("plain", "hstripes", "vstripes", "checks", "logo")
 LOWER_TYPES = ("trousers", "shorts", "skirt")
 BAGS = ("none", "backpack", "shoulder")
@@ -386,7 +387,8 @@ def _camera_response_visible(img: np.ndarray, style: CameraStyle, view: View,
     """Illumination colour and level, sensor noise, 8-bit, slight optical blur."""
     img *= np.asarray(style.gain, np.float32) * view.light
     img += 0.015 * rng.standard_normal(img.shape, dtype=np.float32)
-    return np.asarray(Image.fromarray(_to_uint8(img)).filter(ImageFilter.GaussianBlur(0.6)))
+    blur = 0.6 * img.shape[0] / BLUR_REFERENCE_HEIGHT
+    return np.asarray(Image.fromarray(_to_uint8(img)).filter(ImageFilter.GaussianBlur(blur)))
 
 
 def _camera_response_infrared(img: np.ndarray, style: CameraStyle, view: View,
@@ -395,6 +397,7 @@ def _camera_response_infrared(img: np.ndarray, style: CameraStyle, view: View,
     gain, offset, blur = style.gain
     img *= gain * (0.92 + 0.08 * view.light)
     img += offset + 0.02 * rng.standard_normal(img.shape, dtype=np.float32)
+    blur *= img.shape[0] / BLUR_REFERENCE_HEIGHT
     return np.asarray(Image.fromarray(_to_uint8(img), mode="L").filter(ImageFilter.GaussianBlur(blur)))
 
 
@@ -484,9 +487,7 @@ def generate_synthetic(root: str, num_train_ids: int = 120, num_test_ids: int = 
     if num_train_ids < 2 or num_test_ids < 1 or images_per_camera < 1:
         raise ValueError(f"need num_train_ids >= 2, num_test_ids >= 1, images_per_camera >= 1; got "
                          f"{num_train_ids}, {num_test_ids}, {images_per_camera}")
-    params = {"version": GENERATOR_VERSION, "num_train_ids": num_train_ids, "num_test_ids": num_test_ids,
-              "images_per_camera": images_per_camera, "seed": seed, "layout": layout,
-              "img_size": [int(img_size[0]), int(img_size[1])]}
+    params = _params(num_train_ids, num_test_ids, images_per_camera, seed, layout, img_size)
     target = Path(root)
     if _marker_matches(target, params):
         log.info("synthetic dataset at %s is up to date", target)
@@ -516,6 +517,20 @@ def generate_synthetic(root: str, num_train_ids: int = 120, num_test_ids: int = 
     log.info("synthetic %s dataset: %d identities, %d images at %s", layout,
              num_train_ids + num_test_ids, total, target)
     return target
+
+
+def _params(num_train_ids: int, num_test_ids: int, images_per_camera: int, seed: int, layout: str,
+            img_size: tuple[int, int]) -> dict:
+    """What a synthetic tree was written with (the marker's content, less the image count)."""
+    return {"version": GENERATOR_VERSION, "num_train_ids": num_train_ids, "num_test_ids": num_test_ids,
+            "images_per_camera": images_per_camera, "seed": seed, "layout": layout,
+            "img_size": [int(img_size[0]), int(img_size[1])]}
+
+
+def is_up_to_date(root: str, num_train_ids: int = 120, num_test_ids: int = 40, images_per_camera: int = 4,
+                  seed: int = 0, layout: str = "sysu", img_size: tuple[int, int] = (256, 128)) -> bool:
+    """True when `root` holds a synthetic set this generator version would write with these arguments."""
+    return _marker_matches(Path(root), _params(num_train_ids, num_test_ids, images_per_camera, seed, layout, img_size))
 
 
 def _marker_matches(target: Path, params: dict) -> bool:

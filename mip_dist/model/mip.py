@@ -258,11 +258,15 @@ class MIP(nn.Module):
                 x = blk.forward_prompted(x, bank, modality, inst, impl=self._impl, deterministic=self.deterministic)
         return _Trunk(x, inst_means=inst_means)
 
+    def _pool(self, tokens: Tensor) -> Tensor:
+        """Global feature [B, C]: the class token (model.global_pool=token) or the mean patch token (avg, as timm)."""
+        return tokens[:, 1:].mean(dim=1) if self.cfg.global_pool == "avg" else tokens[:, 0]
+
     def _features(self, tokens: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """(global [B, C], local [B, P, C] or None) from the tokens leaving `blocks`."""
         if self.b1 is None:
-            return self.norm(tokens)[:, 0], None
-        global_feat = self.b1(tokens)[:, 0]
+            return self._pool(self.norm(tokens)), None
+        global_feat = self._pool(self.b1(tokens))
         parts = split_parts(tokens, shuffle_unit(tokens, self.cfg.shift, self.cfg.shuffle_groups), self.num_parts)
         local = self.b2(parts)[:, 0].reshape(tokens.shape[0], self.num_parts, -1)
         return global_feat, local
