@@ -1,7 +1,9 @@
 """Token embeddings: TransReID's overlapping patch embedding, or a convolutional stem for training from scratch."""
 from __future__ import annotations
 
+import timm
 import torch
+from timm.layers import HybridEmbed
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
@@ -52,7 +54,7 @@ class ConvStemEmbed(nn.Module):
 
 
 class HybridStemEmbed(nn.Module):
-    """Image -> [B, Hp*Wp, C] tokens: a randomly initialised timm CNN's stride-16 feature map, projected by a 1x1 conv.
+    """Image -> [B, Hp*Wp, C] tokens: a randomly initialised timm CNN's next-to-last feature map, projected by a 1x1 conv.
 
     Why: timm's hybrid ViT embedding (the R50+ViT-B/16 recipe) gives a ViT trained from scratch on a few
     thousand images the convolutional bias it needs to find modality-shared shapes and textures.
@@ -60,9 +62,6 @@ class HybridStemEmbed(nn.Module):
 
     def __init__(self, img_size: tuple[int, int], backbone: str, in_chans: int, embed_dim: int) -> None:
         super().__init__()
-        import timm
-        from timm.layers import HybridEmbed
-
         self.img_size = (int(img_size[0]), int(img_size[1]))
         try:
             cnn = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(-2,), in_chans=in_chans)
