@@ -527,8 +527,8 @@ def _params(num_train_ids: int, num_test_ids: int, images_per_camera: int, seed:
             "img_size": [int(img_size[0]), int(img_size[1])]}
 
 
-def is_up_to_date(root: str, num_train_ids: int = 120, num_test_ids: int = 40, images_per_camera: int = 4,
-                  seed: int = 0, layout: str = "sysu", img_size: tuple[int, int] = (256, 128)) -> bool:
+def is_up_to_date(root: str, *, num_train_ids: int, num_test_ids: int, images_per_camera: int, seed: int,
+                  layout: str, img_size: tuple[int, int]) -> bool:
     """True when `root` holds a synthetic set this generator version would write with these arguments."""
     return _marker_matches(Path(root), _params(num_train_ids, num_test_ids, images_per_camera, seed, layout, img_size))
 

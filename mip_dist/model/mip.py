@@ -15,7 +15,7 @@ from torch import nn
 from mip_dist.config import AttentionConfig, ModelConfig
 
 from .block import PromptedBlock
-from .embed import ConvStemEmbed, HybridStemEmbed, OverlapPatchEmbed
+from .embed import build_token_embed
 from .heads import BNNeckHead
 from .ipg import FusionIPG, GenerationIPG
 from .jpm import FinalBlock, shuffle_unit, split_parts
@@ -100,9 +100,9 @@ class MIP(nn.Module):
         self.num_parts = cfg.num_parts if cfg.jpm else 0
         self._check(cfg, num_classes, num_cameras)
 
-        self.patch_embed = (OverlapPatchEmbed(cfg.img_size, cfg.patch_size, cfg.stride, 3, C) if cfg.stem == "patch"
-                            else ConvStemEmbed(cfg.img_size, cfg.stem_depth, 3, C) if cfg.stem == "conv"
-                            else HybridStemEmbed(cfg.img_size, cfg.stem_backbone, 3, C))
+        self.patch_embed = build_token_embed(cfg)
+        if cfg.jpm and self.patch_embed.num_patches < cfg.num_parts:
+            raise ValueError(f"model.num_parts={cfg.num_parts} exceeds the {self.patch_embed.num_patches} patch tokens")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, C))
         self.sie_embed = nn.Parameter(torch.zeros(num_cameras, 1, C)) if cfg.sie else None
@@ -148,10 +148,6 @@ class MIP(nn.Module):
         if cfg.jpm and cfg.num_prompted_layers > cfg.depth - 1:
             raise ValueError(f"model.prompted_layers={cfg.num_prompted_layers}: with JPM at most depth-1 "
                              f"({cfg.depth - 1}) blocks can be prompted")
-        grid = ([(s - cfg.patch_size) // cfg.stride + 1 for s in cfg.img_size] if cfg.stem == "patch"
-                else [s // 2 ** cfg.stem_depth for s in cfg.img_size] if cfg.stem == "conv" else [s // 16 for s in cfg.img_size])
-        if cfg.jpm and grid[0] * grid[1] < cfg.num_parts:
-            raise ValueError(f"model.num_parts={cfg.num_parts} exceeds the {grid[0] * grid[1]} patch tokens")
 
     def _init_embeddings(self) -> None:
         """TransReID: CLS, position and camera embeddings ~ trunc_normal(0.02)."""
