@@ -30,7 +30,8 @@ class ModelConfig:
     stem: Literal["patch", "conv", "hybrid"] = "patch"  # conv / hybrid: a CNN stem, for training from scratch (demo)
     global_pool: Literal["token", "avg"] = "token"  # global feature: class token (paper) or mean patch token
     stem_backbone: str = "resnet18"  # hybrid stem: timm CNN (random init) whose stride-16 features become tokens
-    stem_depth: int = 4  # conv stem: stride-2 layers, so tokens = (H / 2**depth) x (W / 2**depth)
+    stem_strides: tuple[int, ...] = (2, 2, 2, 2)  # conv stem: one 3x3 conv per stride; tokens = image / product
+    stem_channels: tuple[int, ...] = ()  # conv stem widths before the last (linear) conv; () = embed_dim / 2**k tiers
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path: float = 0.1

@@ -204,11 +204,25 @@ def test_cnn_stems_make_tokens_and_train(stem, grid):
     assert feat.shape == (4, model.feature_dim)
 
 
+def test_conv_stem_layout_follows_strides_and_channels():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.stem=conv", "model.stem_strides=[2,2,1,2,1,2]",
+                                              "model.stem_channels=[16,32,32,64,64]"])
+    model = make_model(cfg)
+    convs = [m for m in model.patch_embed.proj.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [2, 2, 1, 2, 1, 2]
+    assert [c.out_channels for c in convs] == [16, 32, 32, 64, 64, cfg.model.embed_dim]
+    assert model.grid_size == (8, 4)
+
+
 def test_cnn_stem_settings_are_checked_by_name():
-    with pytest.raises(ValueError, match="model.stem_depth"):
-        make_model(load_config(CONFIGS / "tiny.yaml", ["model.stem=conv", "model.stem_depth=0"]))
+    with pytest.raises(ValueError, match="model.stem_strides"):
+        make_model(load_config(CONFIGS / "tiny.yaml", ["model.stem=conv", "model.stem_strides=[2,0,2]"]))
+    with pytest.raises(ValueError, match="model.stem_channels needs 2 widths"):
+        make_model(load_config(CONFIGS / "tiny.yaml", ["model.stem=conv", "model.stem_strides=[2,2,2]",
+                                                       "model.stem_channels=[32]"]))
     with pytest.raises(ValueError, match="model.img_size"):
-        make_model(load_config(CONFIGS / "tiny.yaml", ["model.stem=conv", "model.stem_depth=7", "model.jpm=false"]))
+        make_model(load_config(CONFIGS / "tiny.yaml", ["model.stem=conv", "model.stem_strides=[2,2,2,2,2,2,2]",
+                                                       "model.jpm=false"]))
     with pytest.raises(ValueError, match="model.stem_backbone"):
         make_model(load_config(CONFIGS / "tiny.yaml", ["model.stem=hybrid", "model.stem_backbone=no_such_net"]))
 

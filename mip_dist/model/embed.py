@@ -1,6 +1,8 @@
 """Token embeddings: TransReID's overlapping patch embedding, or a convolutional stem for training from scratch."""
 from __future__ import annotations
 
+import math
+
 import timm
 import torch
 from timm.layers import HybridEmbed
@@ -38,22 +40,29 @@ class OverlapPatchEmbed(_TokenEmbed):
 
 
 class ConvStemEmbed(_TokenEmbed):
-    """Tokens from timm's ConvStem (stride-2 3x3 conv-BN-ReLU layers, the last one linear).
+    """Tokens from timm's ConvStem: one 3x3 conv-BN-ReLU per `strides` entry, the last conv linear.
 
     Why: a ViT trained from scratch on a few thousand images (the embedded demo) learns textures and
     shapes that transfer across modalities far sooner behind a convolutional stem (Xiao et al., "Early
     convolutions help transformers see better", 2021); with a pretrained ViT keep the patch embedding.
     """
 
-    def __init__(self, img_size: tuple[int, int], depth: int, in_chans: int, embed_dim: int) -> None:
-        if depth < 1:
-            raise ValueError(f"model.stem_depth must be >= 1; got {depth}")
-        reduction = 2 ** depth
+    def __init__(self, img_size: tuple[int, int], strides: tuple[int, ...], channels: tuple[int, ...],
+                 in_chans: int, embed_dim: int) -> None:
+        if not strides or min(strides) < 1:
+            raise ValueError(f"model.stem_strides must be a non-empty list of strides >= 1; got {list(strides)}")
+        if channels and len(channels) != len(strides) - 1:
+            raise ValueError(f"model.stem_channels needs {len(strides) - 1} widths (one per model.stem_strides entry "
+                             f"but the last, which projects to embed_dim); got {list(channels)}")
+        reduction = math.prod(strides)
         if img_size[0] % reduction or img_size[1] % reduction:
-            raise ValueError(f"model.img_size {tuple(img_size)} must be divisible by 2**model.stem_depth = {reduction}")
+            raise ValueError(f"model.img_size {tuple(img_size)} must be divisible by the product of "
+                             f"model.stem_strides = {reduction}")
         super().__init__(img_size, (img_size[0] // reduction, img_size[1] // reduction))
-        channels = tuple(max(embed_dim // 2 ** (depth - 1 - i), 16) for i in range(depth - 1)) + (embed_dim,)
-        self.proj = ConvStem(in_chans, depth=depth, channels=channels, kernel_size=3, stride=(2,) * depth, padding=1)
+        depth = len(strides)
+        hidden = tuple(channels) or tuple(max(embed_dim // 2 ** (depth - 1 - i), 16) for i in range(depth - 1))
+        self.proj = ConvStem(in_chans, depth=depth, channels=hidden + (embed_dim,), kernel_size=3,
+                             stride=tuple(strides), padding=1)
 
 
 class HybridStemEmbed(_TokenEmbed):
@@ -77,7 +86,7 @@ class HybridStemEmbed(_TokenEmbed):
 def build_token_embed(cfg: ModelConfig) -> _TokenEmbed:
     """The token embedding model.stem names (patch: the paper's; conv / hybrid: for training from scratch)."""
     if cfg.stem == "conv":
-        return ConvStemEmbed(cfg.img_size, cfg.stem_depth, 3, cfg.embed_dim)
+        return ConvStemEmbed(cfg.img_size, cfg.stem_strides, cfg.stem_channels, 3, cfg.embed_dim)
     if cfg.stem == "hybrid":
         return HybridStemEmbed(cfg.img_size, cfg.stem_backbone, 3, cfg.embed_dim)
     return OverlapPatchEmbed(cfg.img_size, cfg.patch_size, cfg.stride, 3, cfg.embed_dim)
