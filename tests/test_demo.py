@@ -6,13 +6,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+TEST_IDS = 8  # chance Rank-1 = 1/8; 990 steps of the demo's model reach about 3x that (41% measured)
 
 
 def test_demo_end_to_end_at_reduced_size(tmp_path):
     overrides = [f"data.root={tmp_path}/synthetic", f"data.shards={tmp_path}/shards", f"train.output_dir={tmp_path}/runs",
-                 "data.synthetic_ids=24", "data.synthetic_test_ids=8", "data.synthetic_images_per_camera=3",
-                 "data.batch_size=16", "train.epochs=3", "optim.restart_epochs=3", "eval.trials=3",
-                 "train.log_every=1"]
+                 "data.synthetic_ids=40", f"data.synthetic_test_ids={TEST_IDS}", "data.synthetic_images_per_camera=3",
+                 "train.epochs=45", "optim.restart_epochs=45", "train.eval_every_epochs=45", "eval.trials=3",
+                 "train.log_every=10"]
     env = dict(os.environ, OMP_NUM_THREADS="2")
     r = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/demo.yaml", *overrides], cwd=REPO,
                        capture_output=True, text=True, timeout=900, env=env)
@@ -28,9 +29,12 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
         res = results[setting]
         assert res["trials"] == 3 and 0.0 <= res["R1"] <= res["R10"] <= res["R20"] <= 100.0
         assert 0.0 < res["mAP"] <= 100.0
+    chance = 100.0 / TEST_IDS
+    assert results["all_single"]["R1"] >= 2 * chance, f"all-search Rank-1 {results['all_single']['R1']:.1f}% is " \
+        f"not well above chance ({chance:.1f}%)"
     losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ids = [rec["id"] for rec in losses if "id" in rec]
-    assert len(ids) >= 6 and sum(ids[-3:]) < sum(ids[:3]), "the ID loss did not fall"
+    assert len(ids) >= 6 and sum(ids[-3:]) < 0.5 * sum(ids[:3]), "the ID loss did not fall"
 
     # a second start never touches the finished run: it opens a new run directory
     r2 = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/demo.yaml", *overrides,
