@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mip_dist.data.layouts import read_dataset, relative_path
-from mip_dist.data.shards import ShardError, read_index, sample_key, write_shards
+from mip_dist.data.shards import ShardError, check_regdb_split, read_index, sample_key, write_shards
 from test_data_layouts import make_regdb, make_sysu
 
 INDEX_KEYS = {"version", "dataset", "regdb_split", "counts", "identity_map", "num_classes", "num_cameras",
@@ -99,6 +99,9 @@ def test_regdb_bmp_round_trip_and_size_bound(tmp_path):
         assert samples[sample_key(relative_path(r, str(root)))]["bmp"] == Path(r.path).read_bytes()
     sizes = [(out / s["name"]).stat().st_size for s in index["shards"]]
     assert len(sizes) >= 4 and max(sizes) <= -(-bound // 10240) * 10240  # rounded up to tar's 10 KiB record
+    check_regdb_split(read_index(str(out)), 2, str(out))
+    with pytest.raises(ShardError, match=r"data.regdb_split=1, but the shards .* hold RegDB split 2"):
+        check_regdb_split(read_index(str(out)), 1, str(out))
 
 
 def test_idempotent_same_bytes_and_skips_unchanged_input(tmp_path, caplog):

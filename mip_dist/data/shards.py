@@ -342,6 +342,15 @@ def read_index(shards_dir: str) -> dict:
     return index
 
 
+def check_regdb_split(index: dict, regdb_split: int, shards_dir: str) -> None:
+    """A RegDB split is fixed when the shards are written: refuse a config that asks for another one."""
+    if index["dataset"] == "regdb" and index["regdb_split"] != regdb_split:
+        raise ShardError(f"data.regdb_split={regdb_split}, but the shards in {shards_dir} hold RegDB split "
+                         f"{index['regdb_split']}; write split {regdb_split} with `python launch/make_shards.py "
+                         f"--dataset regdb --regdb-split {regdb_split} ...` or set data.regdb_split="
+                         f"{index['regdb_split']}")
+
+
 def shard_urls(shards_dir: str, split: str, index: Optional[dict] = None) -> list[str]:
     """Paths of the `split` shards listed in the index, in index order."""
     index = index if index is not None else read_index(shards_dir)

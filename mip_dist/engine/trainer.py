@@ -161,11 +161,12 @@ class Trainer:
         """Model (optionally with a frozen backbone), parameter groups, client optimizer, DeepSpeed engine."""
         import deepspeed
 
-        from mip_dist.data.shards import read_index
+        from mip_dist.data.shards import check_regdb_split, read_index
         from mip_dist.model import build_model, param_category
 
         cfg = self.cfg
         self.index = read_index(cfg.data.shards)
+        check_regdb_split(self.index, cfg.data.regdb_split, cfg.data.shards)
         self.num_classes, self.num_cameras = int(self.index["num_classes"]), int(self.index["num_cameras"])
         self._build_model = build_model
         model = build_model(cfg.model, cfg.attention, num_classes=self.num_classes, num_cameras=self.num_cameras)
