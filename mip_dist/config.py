@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -307,6 +308,15 @@ def validate(cfg: Config) -> Config:
     need(m.img_size[0] >= m.patch_size and m.img_size[1] >= m.patch_size, "model.img_size",
          f"{m.img_size} is smaller than one patch ({m.patch_size})")
     need(0 < m.stride <= m.patch_size, "model.stride", f"{m.stride} must be in 1..patch_size")
+    if m.stem == "conv":
+        need(len(m.stem_strides) > 0 and min(m.stem_strides) >= 1, "model.stem_strides",
+             f"{list(m.stem_strides)} must be a non-empty list of strides >= 1")
+        need(not m.stem_channels or len(m.stem_channels) == len(m.stem_strides) - 1, "model.stem_channels",
+             f"needs {len(m.stem_strides) - 1} widths (one per model.stem_strides entry but the last, which "
+             f"projects to embed_dim); got {list(m.stem_channels)}")
+        reduction = math.prod(m.stem_strides)
+        need(m.img_size[0] % reduction == 0 and m.img_size[1] % reduction == 0, "model.img_size",
+             f"{tuple(m.img_size)} must be divisible by the product of model.stem_strides = {reduction}")
     need(m.num_modality_prompts >= 1, "model.num_modality_prompts", "must be >= 1")
     need(m.num_instance_prompts >= 1, "model.num_instance_prompts", "must be >= 1")
     need(0.0 <= m.prompt_dropout < 1.0, "model.prompt_dropout", "must be in [0, 1)")

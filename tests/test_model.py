@@ -217,7 +217,7 @@ def test_conv_stem_layout_follows_strides_and_channels():
 def test_cnn_stem_settings_are_checked_by_name():
     with pytest.raises(ValueError, match="model.stem_strides"):
         make_model(load_config(CONFIGS / "tiny.yaml", ["model.stem=conv", "model.stem_strides=[2,0,2]"]))
-    with pytest.raises(ValueError, match="model.stem_channels needs 2 widths"):
+    with pytest.raises(ValueError, match="model.stem_channels: needs 2 widths"):
         make_model(load_config(CONFIGS / "tiny.yaml", ["model.stem=conv", "model.stem_strides=[2,2,2]",
                                                        "model.stem_channels=[32]"]))
     with pytest.raises(ValueError, match="model.img_size"):

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -527,10 +527,9 @@ def _params(num_train_ids: int, num_test_ids: int, images_per_camera: int, seed:
             "img_size": [int(img_size[0]), int(img_size[1])]}
 
 
-def is_up_to_date(root: str, *, num_train_ids: int, num_test_ids: int, images_per_camera: int, seed: int,
-                  layout: str, img_size: tuple[int, int]) -> bool:
-    """True when `root` holds a synthetic set this generator version would write with these arguments."""
-    return _marker_matches(Path(root), _params(num_train_ids, num_test_ids, images_per_camera, seed, layout, img_size))
+def is_up_to_date(root: str, **generator_args: Any) -> bool:
+    """True when `root` holds what this generator version writes for these `generate_synthetic` arguments."""
+    return _marker_matches(Path(root), _params(**generator_args))
 
 
 def _marker_matches(target: Path, params: dict) -> bool:

@@ -49,20 +49,11 @@ class ConvStemEmbed(_TokenEmbed):
 
     def __init__(self, img_size: tuple[int, int], strides: tuple[int, ...], channels: tuple[int, ...],
                  in_chans: int, embed_dim: int) -> None:
-        if not strides or min(strides) < 1:
-            raise ValueError(f"model.stem_strides must be a non-empty list of strides >= 1; got {list(strides)}")
-        if channels and len(channels) != len(strides) - 1:
-            raise ValueError(f"model.stem_channels needs {len(strides) - 1} widths (one per model.stem_strides entry "
-                             f"but the last, which projects to embed_dim); got {list(channels)}")
-        reduction = math.prod(strides)
-        if img_size[0] % reduction or img_size[1] % reduction:
-            raise ValueError(f"model.img_size {tuple(img_size)} must be divisible by the product of "
-                             f"model.stem_strides = {reduction}")
+        reduction = math.prod(strides)  # strides, widths and image size are checked by config.validate
         super().__init__(img_size, (img_size[0] // reduction, img_size[1] // reduction))
-        depth = len(strides)
-        hidden = tuple(channels) or tuple(max(embed_dim // 2 ** (depth - 1 - i), 16) for i in range(depth - 1))
-        self.proj = ConvStem(in_chans, depth=depth, channels=hidden + (embed_dim,), kernel_size=3,
-                             stride=tuple(strides), padding=1)
+        widths = tuple(channels) + (embed_dim,) if channels else embed_dim  # an int: timm's halving tiers
+        self.proj = ConvStem(in_chans, depth=len(strides), channels=widths, kernel_size=3, stride=tuple(strides),
+                             padding=1)
 
 
 class HybridStemEmbed(_TokenEmbed):
