@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from typing import Literal, Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ._backend import interpreter_requested, triton_available, triton_unavailable_reason
 from ._op import prompt_attention_triton
@@ -51,12 +51,16 @@ def check_inputs(
             raise ValueError(f"bank_k/bank_v must be [M, {H}, Pm, {D}]; got {tuple(bank_k.shape)}, {tuple(bank_v.shape)}")
         if bank_k.shape[0] < 1:
             raise ValueError("bank_k/bank_v must hold at least one entry (M >= 1)")
-        if bank_index is None or bank_index.shape != (B,) or bank_index.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"bank_index must be an int tensor of shape ({B},); got "
-                             f"{None if bank_index is None else (tuple(bank_index.shape), bank_index.dtype)}")
-        if bank_index.device != q.device:
-            raise ValueError(f"bank_index is on {bank_index.device}; q is on {q.device}")
-        if B > 0 and not torch.compiler.is_compiling():  # skipped while tracing (data-dependent)
+        if bank_index is None:
+            if bank_k.shape[0] != 1:
+                raise ValueError(f"bank_index is required for a bank of {bank_k.shape[0]} entries "
+                                 "(only a one-entry bank is shared by every sample without an index)")
+        else:
+            if bank_index.shape != (B,) or bank_index.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"bank_index must be an int tensor of shape ({B},); got "
+                                 f"{(tuple(bank_index.shape), bank_index.dtype)}")
+            if bank_index.device != q.device:
+                raise ValueError(f"bank_index is on {bank_index.device}; q is on {q.device}")
             _check_index_range(bank_index, bank_k.shape[0])
     if (inst_k is None) != (inst_v is None):
         raise ValueError("inst_k and inst_v must both be given or both be None")
@@ -68,24 +72,19 @@ def check_inputs(
         raise ValueError("no keys: the sequence, bank and instance prompts are all empty (softmax over nothing)")
 
 
-_last_index: tuple = (None, -1, -1)  # (weakref to the last bank_index checked, its version, M)
-
-
 def _check_index_range(bank_index: torch.Tensor, entries: int) -> None:
-    """bank_index values in [0, entries); the host sync is paid once per index tensor, not once per layer."""
-    global _last_index
-    ref, version, m = _last_index
-    try:
-        current = bank_index._version
-    except RuntimeError:  # inference tensors keep no version counter: always check
-        current = None
-    if current is not None and ref is not None and ref() is bank_index and version == current and m == entries:
+    """bank_index values in [0, entries), checked only where that costs no device sync.
+
+    A CPU index is read through NumPy (no dispatched op, nothing to wait for). A device index is not
+    read: the training hot path must not sync, and the trainer validates modality labels on the host
+    batch before moving it to the device (`mip_dist.data.batch.check_batch`)."""
+    if (bank_index.device.type != "cpu" or bank_index.numel() == 0 or torch.compiler.is_compiling()
+            or is_fake(bank_index)):
         return
-    lo, hi = torch.stack(torch.aminmax(bank_index)).tolist()  # one device sync
+    values = bank_index.detach().numpy()
+    lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= entries:
         raise ValueError(f"bank_index values must be in [0, {entries}); got min {lo}, max {hi}")
-    if current is not None:
-        _last_index = (weakref.ref(bank_index), current, entries)
 
 
 def triton_unsupported(q: torch.Tensor) -> Optional[str]:

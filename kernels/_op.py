@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from ._backend import kernel_module
 
@@ -108,7 +109,7 @@ def prompt_attention_triton(q: Tensor, k: Tensor, v: Tensor, bank_k: Optional[Te
                             bank_index: Optional[Tensor], inst_k: Optional[Tensor], inst_v: Optional[Tensor],
                             scale: float, deterministic: bool = False) -> Tensor:
     """Differentiable fused attention (inputs already validated): autograd.Function eager, custom op compiled."""
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not is_fake(q):  # fake tensors trace through the op's fake impl
         return _PromptAttention.apply(q, k, v, bank_k, bank_v, bank_index, inst_k, inst_v, float(scale),
                                       bool(deterministic))
     o, _ = prompt_attention_fwd(q, k, v, bank_k, bank_v, bank_index, inst_k, inst_v, float(scale),

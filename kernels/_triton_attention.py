@@ -5,7 +5,8 @@ twice (once compiled for the GPU, once under the Triton interpreter for CPU tens
 `@triton.jit` picks compiled vs interpreted when the decorator runs.
 
 Key groups per sample b, head h (never concatenated in memory):
-  bank  bank_k[bank_index[b], h, :Pm]   (modality prompts; read by pointer offset)
+  bank  bank_k[bank_index[b], h, :Pm]   (modality prompts; read by pointer offset; with no
+                                        bank_index a one-entry bank shared by all samples)
   inst  inst_k[b, h, :Pi]               (instance prompts)
   seq   k[b, h, :S]                     (the sequence)
 The log-sum-exp is kept in base-2 units of the scaled scores (lse2 = m + log2(l)).
@@ -86,7 +87,7 @@ def _fwd_kernel(Q, K, V, BK, BV, BIDX, IK, IV, O, LSE,
                 H, N, S, PM, PI, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_PM: tl.constexpr,
                 BLOCK_PI: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, BANK_SHARED: tl.constexpr):
     """One (query block, sample*head): online softmax over bank, instance prompts, sequence."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -104,7 +105,10 @@ def _fwd_kernel(Q, K, V, BK, BV, BIDX, IK, IV, O, LSE,
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
 
-    entry = tl.load(BIDX + b).to(tl.int64)
+    if BANK_SHARED:  # one bank entry read by every sample: no index tensor
+        entry = 0
+    else:
+        entry = tl.load(BIDX + b).to(tl.int64)
     acc, l_i, m_i = _fwd_group(acc, l_i, m_i, q, BK + entry * sbkm + h * sbkh, BV + entry * sbvm + h * sbvh,
                                sbkn, sbkd, sbvn, sbvd, PM, qk_scale, BLOCK_PM, BLOCK_D, UPCAST, DOT_PRECISION)
     acc, l_i, m_i = _fwd_group(acc, l_i, m_i, q, IK + b * sikb + h * sikh, IV + b * sivb + h * sivh,
@@ -173,7 +177,7 @@ def _bwd_dq_kernel(Q, K, V, BK, BV, BIDX, IK, IV, DO, LSE, DELTA, DQ,
                    H, N, S, PM, PI, qk_scale, scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_PM: tl.constexpr,
                    BLOCK_PI: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                   ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, BANK_SHARED: tl.constexpr):
     """One (query block, sample*head): dq over all three key groups; atomically summed if ATOMIC."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -194,7 +198,10 @@ def _bwd_dq_kernel(Q, K, V, BK, BV, BIDX, IK, IV, DO, LSE, DELTA, DQ,
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
 
-    entry = tl.load(BIDX + b).to(tl.int64)
+    if BANK_SHARED:
+        entry = 0
+    else:
+        entry = tl.load(BIDX + b).to(tl.int64)
     dq = _bwd_dq_group(dq, q, do, lse, delta, BK + entry * sbkm + h * sbkh, BV + entry * sbvm + h * sbvh,
                        sbkn, sbkd, sbvn, sbvd, PM, qk_scale, BLOCK_PM, BLOCK_D, UPCAST, DOT_PRECISION)
     dq = _bwd_dq_group(dq, q, do, lse, delta, IK + b * sikb + h * sikh, IV + b * sivb + h * sivh,
@@ -268,7 +275,7 @@ def _bwd_kv_kernel(Q, K, V, BK, BV, BIDX, IK, IV, DO, LSE, DELTA,
                    H, N, S, PM, PI, NB_PM, NB_PI, qk_scale, scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_PM: tl.constexpr,
                    BLOCK_PI: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                   BANK_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BANK_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, BANK_SHARED: tl.constexpr):
     """One (key block of bank | inst | seq, sample*head): dk, dv of that block.
 
     Bank gradients go to DBK/DBV indexed by bank entry (fp32 atomics, BANK_ATOMIC) or by sample
@@ -283,7 +290,10 @@ def _bwd_kv_kernel(Q, K, V, BK, BV, BIDX, IK, IV, DO, LSE, DELTA,
     LSEb = LSE + pid_bh.to(tl.int64) * N
     DELTAb = DELTA + pid_bh.to(tl.int64) * N
     if pid < NB_PM:
-        entry = tl.load(BIDX + b).to(tl.int64)
+        if BANK_SHARED:
+            entry = 0
+        else:
+            entry = tl.load(BIDX + b).to(tl.int64)
         if BANK_ATOMIC:
             row = entry
         else:
@@ -365,10 +375,7 @@ def _groups(q, k, bank_k, bank_v, bank_index, inst_k, inst_v):
     bv = bank_v if bank_v is not None else k
     ik = inst_k if inst_k is not None else k
     iv = inst_v if inst_v is not None else k
-    if bank_index is None:
-        bidx = torch.zeros(B, dtype=torch.int32, device=k.device)
-    else:
-        bidx = bank_index
+    bidx = bank_index if bank_index is not None else bk  # never read when BANK_SHARED (no index: entry 0)
     return bk, bv, bidx, ik, iv, pm, pi
 
 
@@ -400,7 +407,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _fwd_kernel[grid](q, k, v, bk, bv, bidx, ik, iv, o, lse,
                           *sq, *k.stride(), *v.stride(), *_strides(bank_k), *_strides(bank_v),
                           *_strides(inst_k), *_strides(inst_v), *o.stride(),
-                          H, N, S, pm, pi, scale * LOG2E, **p)
+                          H, N, S, pm, pi, scale * LOG2E, BANK_SHARED=bank_index is None, **p)
     return o, lse
 
 
@@ -455,7 +462,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 q, k, v, bk, bv, bidx, ik, iv, do, lse, delta, dq_buf,
                 *sq, *k.stride(), *v.stride(), *_strides(bank_k), *_strides(bank_v),
                 *_strides(inst_k), *_strides(inst_v), *do.stride(), *sdq,
-                H, N, S, pm, pi, scale * LOG2E, scale, ATOMIC=broadcast_q and not deterministic, **pq)
+                H, N, S, pm, pi, scale * LOG2E, scale, ATOMIC=broadcast_q and not deterministic,
+                BANK_SHARED=bank_index is None, **pq)
             pk = _launch_params("kv", q, N, S, pm, pi, D)
             nb_pm = triton.cdiv(pm, pk["BLOCK_PM"])
             nb_pi = triton.cdiv(pi, pk["BLOCK_PI"])
@@ -470,7 +478,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                     *dk.stride(), *dv.stride(), *_strides(dbk_buf), *_strides(dbv_buf),
                     *_strides(dik), *_strides(div),
                     H, N, S, pm, pi, nb_pm, nb_pi, scale * LOG2E, scale,
-                    BANK_ATOMIC=not deterministic, **pk)
+                    BANK_ATOMIC=not deterministic, BANK_SHARED=bank_index is None, **pk)
 
     if broadcast_q:
         dq = (dq_buf.sum(0, keepdim=True) if deterministic else dq_buf).to(q.dtype)
@@ -478,9 +486,11 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         dq = dq_buf
     dbk = dbv = None
     if bank_k is not None:
-        if deterministic:
-            dbk = _reduce_by_entry(dbk_buf, bidx, M)
-            dbv = _reduce_by_entry(dbv_buf, bidx, M)
+        if deterministic and bank_index is None:  # the single entry: a fixed-order sum over samples
+            dbk, dbv = dbk_buf.sum(0, keepdim=True), dbv_buf.sum(0, keepdim=True)
+        elif deterministic:
+            dbk = _reduce_by_entry(dbk_buf, bank_index, M)
+            dbv = _reduce_by_entry(dbv_buf, bank_index, M)
         else:
             dbk, dbv = dbk_buf, dbv_buf
         dbk = dbk.to(bank_k.dtype)

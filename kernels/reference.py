@@ -18,7 +18,10 @@ def gather_keys(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample [bank | inst | seq] keys and values, materialised (what the fused kernel avoids)."""
     keys, values = [], []
-    if bank_k is not None:
+    if bank_k is not None and bank_index is None:  # a one-entry bank shared by every sample
+        keys.append(bank_k.expand(k.shape[0], -1, -1, -1))
+        values.append(bank_v.expand(k.shape[0], -1, -1, -1))
+    elif bank_k is not None:
         keys.append(bank_k[bank_index])
         values.append(bank_v[bank_index])
     if inst_k is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from mip_dist.config import Config, ConfigError, from_dict, load_config, parse_override, to_dict
+from mip_dist.data.shards import ShardError
 from mip_dist.eval.protocols import PROTOCOL_NAMES, ProtocolError
 
 # model settings that change neither parameter shapes nor test-time features
@@ -46,17 +48,40 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+EXPECTED = "expected an exported model such as model_final.pt / model_best.pt from the run folder"
+# files DeepSpeed writes into a checkpoint tag (runs/<name>/checkpoints/stepNNNNNNNN/)
+_DEEPSPEED_FILE = re.compile(r"^(bf16_)?(zero_pp_rank_\d+_)?mp_rank_\d+_(model|optim)_states\.pt$")
+
+
+def _exported_beside(file: Path) -> str:
+    """What to pass instead of a DeepSpeed tag file: the run's exported models that exist, else their names."""
+    run = file.parent.parent.parent if file.parent.parent.name == "checkpoints" else file.parent
+    found = [str(run / n) for n in ("model_final.pt", "model_best.pt") if (run / n).is_file()]
+    return " or ".join(found) if found else "the run's model_final.pt / model_best.pt (written by the trainer)"
+
+
 def load_checkpoint(path: str) -> dict:
-    """The exported model file, checked for the keys the trainer writes."""
+    """The exported model file, read with weights_only=True and checked for the keys the trainer writes;
+    anything else (a DeepSpeed tag file, a foreign pickle, garbage) is a one-line EvalError naming it."""
+    from mip_dist.engine.checkpoint import CheckpointError, numpy_globals, safe_torch_load
+
     file = Path(path)
+    if file.is_dir():
+        raise EvalError(f"{file} is a folder; {EXPECTED}")
     if not file.is_file():
         raise EvalError(f"checkpoint not found: {file}")
+    if _DEEPSPEED_FILE.match(file.name):
+        raise EvalError(f"{file} is a DeepSpeed training checkpoint file, not an exported model; "
+                        f"pass {_exported_beside(file)}")
     try:
-        blob = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refused or corrupt file
-        raise EvalError(f"cannot read checkpoint {file} with weights_only=True: {exc}") from exc
+        blob = safe_torch_load(file, map_location="cpu", allow=numpy_globals())  # numpy: to recognise DeepSpeed files
+    except CheckpointError as exc:  # unpickling refused or not a torch.save file
+        raise EvalError(f"{exc}; {EXPECTED}") from exc
     if not isinstance(blob, dict):
-        raise EvalError(f"{file}: expected an exported model dict, got {type(blob).__name__}")
+        raise EvalError(f"{file}: holds a {type(blob).__name__}, not an exported model dict; {EXPECTED}")
+    if "module" in blob and "ds_version" in blob:
+        raise EvalError(f"{file} is a DeepSpeed training checkpoint file, not an exported model; "
+                        f"pass {_exported_beside(file)}")
     missing = {"model", "config", "num_classes", "num_cameras"} - set(blob)
     if missing:
         raise EvalError(f"{file}: not an exported mip-dist model (missing {', '.join(sorted(missing))}); "
@@ -202,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (EvalError, ConfigError, ProtocolError) as exc:
+    except (EvalError, ConfigError, ProtocolError, ShardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -6,6 +6,9 @@
 
 For `synthetic`, a root without a dataset is first filled by the synthetic generator (defaults of
 `generate_synthetic`, or the --synthetic-* options). Re-running on unchanged input does nothing.
+An --out that holds other shards (another dataset, split, input or settings) is refused unless
+--overwrite is given; the new shards are then written beside it and swapped in only when complete.
+A folder with files that are not shards is never written into. Errors: one `error:` line, exit 2.
 """
 from __future__ import annotations
 
@@ -18,8 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mip_dist.data.shards import DEFAULT_MAX_SHARD_BYTES, DEFAULT_MAX_SHARD_SAMPLES, write_shards  # noqa: E402
-from mip_dist.data.synthetic import generate_synthetic  # noqa: E402
+from mip_dist.data.layouts import DatasetError  # noqa: E402
+from mip_dist.data.shards import (DEFAULT_MAX_SHARD_BYTES, DEFAULT_MAX_SHARD_SAMPLES, ShardError,  # noqa: E402
+                                  write_shards)
+from mip_dist.data.synthetic import MARKER, generate_synthetic  # noqa: E402
+
+EXIT_ERROR = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic-test-ids", type=int, default=40, help="synthetic: test identities")
     p.add_argument("--synthetic-images-per-camera", type=int, default=4)
     p.add_argument("--synthetic-seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace shards of another dataset, split, input or settings already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -46,14 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.time()
-    if args.dataset == "synthetic" and not (Path(args.root) / "exp" / "train_id.txt").is_file():
-        print(f"generating the synthetic dataset at {args.root} ...")
-        generate_synthetic(args.root, num_train_ids=args.synthetic_ids, num_test_ids=args.synthetic_test_ids,
-                           images_per_camera=args.synthetic_images_per_camera, seed=args.synthetic_seed,
-                           workers=args.workers)
-    index = write_shards(args.dataset, args.root, args.out, regdb_split=args.regdb_split,
-                         max_shard_bytes=args.max_shard_bytes, max_shard_samples=args.max_shard_samples,
-                         workers=args.workers, seed=args.seed, progress=not args.quiet)
+    try:
+        if args.dataset == "synthetic" and not (Path(args.root) / MARKER).is_file():  # refuses a tree it did not write
+            print(f"generating the synthetic dataset at {args.root} ...")
+            generate_synthetic(args.root, num_train_ids=args.synthetic_ids, num_test_ids=args.synthetic_test_ids,
+                               images_per_camera=args.synthetic_images_per_camera, seed=args.synthetic_seed,
+                               workers=args.workers)
+        index = write_shards(args.dataset, args.root, args.out, regdb_split=args.regdb_split,
+                             max_shard_bytes=args.max_shard_bytes, max_shard_samples=args.max_shard_samples,
+                             workers=args.workers, seed=args.seed, progress=not args.quiet,
+                             overwrite=args.overwrite, replace_outdated=False)
+    except (DatasetError, ShardError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     c = index["counts"]
     print(f"{args.dataset}: {c['train']['total']} train images ({index['num_classes']} identities), "
           f"{c['test']['total']} test images, {len(index['shards'])} shards, "

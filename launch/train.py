@@ -65,6 +65,22 @@ def preflight(cfg, world_size: int, resume: str | None) -> None:
     if not cfg.data.train_urls and not (Path(cfg.data.shards) / "index.json").is_file():
         raise ConfigError(f"data.shards: {cfg.data.shards!r} has no index.json; write shards first "
                           "(launch/make_shards.py) or point data.shards at them")
+    if not cfg.data.train_urls:
+        from mip_dist.data.shards import ShardError, read_index
+        from mip_dist.engine.run_checks import check_shards_for_run
+
+        try:
+            index = read_index(cfg.data.shards)  # a broken index (e.g. a test key stored twice) fails here
+        except ShardError as exc:
+            raise ConfigError(f"data.shards: {exc}") from exc
+        check_shards_for_run(cfg, index, cfg.data.shards)
+    else:
+        from mip_dist.data.stream import DataError, resolve_train_urls
+
+        try:
+            resolve_train_urls(cfg.data)  # bad or refused URLs fail before any process group
+        except (DataError, ValueError) as exc:
+            raise ConfigError(f"data.train_urls: {exc}") from exc
     try:
         resolve_run_dir(cfg, resume)
     except (RunDirError, FileNotFoundError, ValueError) as exc:
@@ -72,17 +88,18 @@ def preflight(cfg, world_size: int, resume: str | None) -> None:
 
 
 def prepare_synthetic(cfg, world_size: int, wait_s: float = 1800.0) -> None:
-    """Make (or remake, after a generator change) the synthetic set and its shards: local rank 0 writes, others wait."""
+    """Make (or remake, after a generator change) the synthetic set and its shards: local rank 0 writes, others wait;
+    every rank first refuses folders the demo does not own (a real dataset's tree or shards), before any write."""
     import time
 
-    from mip_dist.data.prepare import ensure_synthetic_shards, synthetic_shards_ready
+    from mip_dist.data.prepare import check_synthetic_targets, ensure_synthetic_shards, synthetic_shards_ready
 
     index = Path(cfg.data.shards) / "index.json"
+    check_synthetic_targets(cfg.data)
     if synthetic_shards_ready(cfg.data):
         return
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 or world_size == 1:
         print(f"preparing the synthetic visible-infrared set at {cfg.data.root} -> shards {cfg.data.shards}")
-        index.unlink(missing_ok=True)  # stale shards: other ranks wait for the new index, never read the old one
         ensure_synthetic_shards(cfg.data, progress=int(os.environ.get("RANK", "0")) == 0)
         return
     deadline = time.monotonic() + wait_s
@@ -175,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
     from mip_dist.engine.distributed import init_distributed, shutdown
+    from mip_dist.engine.checkpoint import CheckpointError, CheckpointWriteError
     from mip_dist.engine.trainer import RunDirError, Trainer, TrainingDiverged
 
-    env = init_distributed(cfg.train.device, args.local_rank)
+    env = init_distributed(cfg.train.device, args.local_rank, cfg.train.collective_timeout_s)
     try:
         summary = Trainer(cfg, env, resume=args.resume).fit()
-    except RunDirError as exc:  # raised on every rank alike
+    except (RunDirError, CheckpointError, CheckpointWriteError) as exc:  # one line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         leave(EXIT_CONFIG)
     except TrainingDiverged as exc:  # agreed by every rank

@@ -7,7 +7,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union
 
 import yaml
 
@@ -159,6 +159,7 @@ class TrainConfig:
     max_bad_steps: int = 20
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    collective_timeout_s: float = 0.0  # a rank missing from a collective this long ends the job; 0 = 300 CPU / 600 GPU
 
 
 @dataclass
@@ -290,6 +291,23 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+MAX_LR = 10.0  # above this every schedule diverges at once; the demo's AdamW uses 1e-3, SGD 1e-2
+MAX_LR_FACTOR = 1000.0
+
+
+def _numbers(obj: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted key, value) of every float setting, nested lists included (for the finiteness check)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, key + ".")
+        elif isinstance(value, float):
+            yield key, value
+        elif isinstance(value, (list, tuple)):
+            yield from ((key, v) for v in value if isinstance(v, float))
+
+
 def validate(cfg: Config) -> Config:
     """Reject impossible combinations before any work starts."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
@@ -334,13 +352,29 @@ def validate(cfg: Config) -> Config:
     need(0.0 <= d.max_error_rate <= 1.0, "data.max_error_rate", "must be in [0, 1]")
     need(1 <= d.regdb_split <= 10, "data.regdb_split", f"{d.regdb_split} must be in 1..10")
     need(d.steps_per_epoch >= 0, "data.steps_per_epoch", "must be >= 0")
-    need(o.lr > 0, "optim.lr", "must be > 0")
+    for key, value in _numbers(cfg):
+        need(math.isfinite(value), key, f"{value} is not a finite number")
+    need(0 < o.lr <= MAX_LR, "optim.lr", f"{o.lr} must be in (0, {MAX_LR}]")
+    need(0 <= o.momentum < 1, "optim.momentum", f"{o.momentum} must be in [0, 1)")
+    need(0 <= o.weight_decay < 1, "optim.weight_decay", f"{o.weight_decay} must be in [0, 1)")
+    for name in ("bias_lr_factor", "prompt_lr_factor", "ipg_lr_factor"):
+        need(0 < getattr(o, name) <= MAX_LR_FACTOR, f"optim.{name}",
+             f"{getattr(o, name)} must be in (0, {MAX_LR_FACTOR}]")
+    need(0 < o.warmup_factor <= 1, "optim.warmup_factor", f"{o.warmup_factor} must be in (0, 1]")
+    need(0 < o.restart_decay <= 1, "optim.restart_decay", f"{o.restart_decay} must be in (0, 1]")
+    need(0 <= o.min_lr_factor <= 1, "optim.min_lr_factor", f"{o.min_lr_factor} must be in [0, 1]")
+    need(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    need(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing", "must be in [0, 1)")
+    need(0 <= cfg.loss.global_weight <= 1, "loss.global_weight", "must be in [0, 1]")
+    for name in ("id_weight", "triplet_weight", "msel_weight", "iael_weight"):
+        need(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be >= 0")
     need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     need(o.restart_epochs > 0, "optim.restart_epochs", "must be > 0")
     need(t.epochs >= 1, "train.epochs", "must be >= 1")
     need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{t.zero_stage} must be 0, 1, 2 or 3")
     need(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    need(t.collective_timeout_s >= 0, "train.collective_timeout_s", "must be >= 0 (0 = 300 s on CPU, 600 s on GPU)")
     need(cfg.eval.trials >= 1, "eval.trials", "must be >= 1")
     need(cfg.eval.max_rank >= 1, "eval.max_rank", "must be >= 1")
     allowed_protocols = {"sysu", "sysu_authors", "regdb", "llcm"}

@@ -30,15 +30,18 @@ def hard_example_mining(dist: Tensor, pids: Tensor) -> tuple[Tensor, Tensor, Ten
     return dist_ap, dist_an, pos.any(1) & neg.any(1)
 
 
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` where `mask` holds, 0 where it never does; no data-dependent shape, so no host sync."""
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
 def triplet_loss(feat: Tensor, pids: Tensor, margin: Optional[float] = None) -> Tensor:
     """Batch-hard triplet over the whole batch: soft margin log(1+exp(ap-an)) if margin is None, else hinge."""
     dist_ap, dist_an, valid = hard_example_mining(euclidean_dist(feat, feat), pids)
-    if not valid.any():
-        return feat.sum() * 0.0
-    ap, an = dist_ap[valid], dist_an[valid]
-    if margin is None:
-        return F.softplus(ap - an).mean()  # = SoftMarginLoss(an - ap, 1)
-    return F.margin_ranking_loss(an, ap, torch.ones_like(an), margin=margin)
+    gap = torch.where(valid, dist_ap - dist_an, torch.zeros_like(dist_ap))  # invalid anchors hold +-inf
+    per_anchor = F.softplus(gap) if margin is None else F.relu(gap + margin)  # SoftMarginLoss / MarginRankingLoss
+    return masked_mean(per_anchor, valid)
 
 
 def msel_loss(feat: Tensor, pids: Tensor, modality: Tensor) -> Tensor:
@@ -58,12 +61,8 @@ def msel_loss(feat: Tensor, pids: Tensor, modality: Tensor) -> Tensor:
     d_intra = (dist * intra).sum(1) / n_intra.clamp(min=1)
     d_cross = (dist * cross).sum(1) / n_cross.clamp(min=1)
     valid = (n_intra > 0) & (n_cross > 0)
-    total = feat.sum() * 0.0
-    for m in (0, 1):
-        sel = valid & (modality == m)
-        if sel.any():
-            total = total + (d_cross[sel] - d_intra[sel]).pow(2).mean()
-    return 0.5 * total
+    gap2 = (d_cross - d_intra).pow(2)
+    return 0.5 * (masked_mean(gap2, valid & (modality == 0)) + masked_mean(gap2, valid & (modality == 1)))
 
 
 def iael_loss(prompt_logits: list[Tensor], pids: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -85,8 +84,10 @@ class MIPLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
 
-    def forward(self, out: MIPOutput, pids: Tensor, modality: Tensor, epoch: int) -> tuple[Tensor, dict[str, float]]:
-        """(total loss, {"id", "triplet", "msel", "iael", "total"} as floats; inactive parts are 0.0)."""
+    def forward(self, out: MIPOutput, pids: Tensor, modality: Tensor, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """(total loss, {"id", "triplet", "msel", "iael", "total"} as detached 0-dim tensors; inactive parts are 0).
+
+        Nothing is read back to the host: the trainer reduces the parts on the device and reads them once."""
         c = self.cfg
         feats = out.feats
         id_loss = split_global_local(
@@ -103,4 +104,4 @@ class MIPLoss(nn.Module):
             iael = iael_loss(out.prompt_logits, pids, c.label_smoothing)
             total = total + c.iael_weight * iael
         parts.update(msel=msel, iael=iael, total=total)
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, {k: v.detach() for k, v in parts.items()}

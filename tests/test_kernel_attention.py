@@ -148,6 +148,25 @@ def test_forward_and_gradients_match_fp64(case, device, interpret):
     check_case(case, device)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_entry_bank_without_index(device, deterministic, interpret):
+    """The IPG call: broadcast queries, their own k/v as a one-entry bank read by every sample with no
+    index tensor, equal to the same bank selected by an explicit all-zero index."""
+    for dtype in (f32, f16):
+        case = Case(3, 2, 16, 210, 1, 16, None, 64, True, False, dtype, deterministic)
+        inputs = {**make_inputs(case, device), "bank_index": None}
+        g = torch.Generator().manual_seed(1)
+        do = torch.randn(case.B, case.H, case.N, case.D, generator=g, dtype=torch.float64).to(device)
+        kernel = run(prompt_attention, inputs, do, impl="triton", deterministic=deterministic)
+        indexed = run(prompt_attention, {**inputs, "bank_index": torch.zeros(3, dtype=torch.long, device=device)},
+                      do, impl="triton", deterministic=deterministic)
+        ref = run(prompt_attention_math, inputs, do, dtype=torch.float64)
+        assert_close_by_rule(kernel, run(prompt_attention_math, inputs, do), ref, dtype, f"{case}-noindex")
+        for name in ("o", "q", "bank_k", "bank_v"):
+            torch.testing.assert_close(kernel[name], indexed[name], rtol=1e-3 if dtype == f16 else 1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bfloat16(device, interpret):
     for case in (Case(2, 2, 17, 30, 2, 16, 3, 64, True, True, torch.bfloat16, False),

@@ -64,6 +64,8 @@ def compile_sm90(kernel: str, dtype: torch.dtype, d: int, lengths=(211, 211, 16,
           "kv": mod._bwd_kv_kernel}[kernel]
     if kernel == "delta":
         params = {"BLOCK_M": params["BLOCK_M"], "BLOCK_D": d}
+    else:
+        params["BANK_SHARED"] = False  # the modality-prompt call: a per-sample bank index
     params.update(flags)
     fp32_out = {"DQ"} if flags.get("ATOMIC") else set()
     src = ASTSource(fn, signature(fn, TL_DTYPE[dtype], params, fp32_out), params)

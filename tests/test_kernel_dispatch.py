@@ -100,7 +100,7 @@ BAD = [
     ("bank half", lambda: _with(bank_v=None), "bank_k and bank_v"),
     ("bank heads", lambda: _with(bank_k=torch.zeros(2, 3, 3, 32), bank_v=torch.zeros(2, 3, 3, 32)), "bank_k/bank_v"),
     ("empty bank", lambda: _with(bank_k=torch.zeros(0, 2, 3, 32), bank_v=torch.zeros(0, 2, 3, 32)), "M >= 1"),
-    ("index missing", lambda: _with(bank_index=None), "bank_index must be an int tensor"),
+    ("index missing", lambda: _with(bank_index=None), "bank_index is required for a bank of"),
     ("index float", lambda: _with(bank_index=torch.zeros(2)), "bank_index must be an int tensor"),
     ("index high", lambda: _with(bank_index=torch.tensor([0, 2])), "in \\[0, 2\\); got min 0, max 2"),
     ("index low", lambda: _with(bank_index=torch.tensor([-1, 0])), "got min -1"),
@@ -143,7 +143,12 @@ def test_explicit_scale_is_used(monkeypatch):
 def test_index_range_is_rechecked_after_in_place_change():
     x = inputs()
     prompt_attention(**x, impl="torch")
-    prompt_attention(**x, impl="torch")  # same tensor, unchanged: the cached check passes
     x["bank_index"][1] = 5
     with pytest.raises(ValueError, match="max 5"):
         prompt_attention(**x, impl="torch")
+
+
+def test_one_entry_bank_needs_no_index():
+    x = _with(bank_k=inputs()["bank_k"][:1], bank_v=inputs()["bank_v"][:1], bank_index=None)
+    want = prompt_attention_math(**{**x, "bank_index": torch.zeros(2, dtype=torch.long)})
+    torch.testing.assert_close(prompt_attention(**x, impl="torch"), want)

@@ -44,7 +44,8 @@ def cfg(shards: Path, **kw) -> DataConfig:
 
 def check_pk_batch(batch: dict, num_classes: int) -> None:
     """Every invariant of a cross-modality PK batch."""
-    assert set(batch) == {"images", "pid", "camera", "modality"}
+    assert set(batch) == {"images", "pid", "camera", "modality", "sources"}
+    assert len(batch["sources"]) == B and all(url.endswith(".tar") for url, _ in batch["sources"])
     assert batch["images"].shape == (B, 3, 64, 32) and batch["images"].dtype == torch.float32
     assert torch.isfinite(batch["images"]).all()
     for k in ("pid", "camera", "modality"):
@@ -144,7 +145,8 @@ def _batches(stream, n=None):
 
 
 def _same(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    return len(a) == len(b) and all(torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k]
+                                    for x, y in zip(a, b) for k in x)
 
 
 def test_deterministic_per_seed_and_epoch(shards):
@@ -198,6 +200,9 @@ def test_corrupt_images_and_truncated_tar_are_counted_and_skipped(shards, tmp_pa
     shutil.copytree(shards, bad)
     names = [s["name"] for s in read_index(str(bad))["shards"] if s["split"] == "train"]
     assert _rewrite_tar(bad / names[0], corrupt_every=2) > 5
+    index = json.loads((bad / "index.json").read_text())  # the rewritten shard is listed at its new size
+    next(s for s in index["shards"] if s["name"] == names[0])["bytes"] = (bad / names[0]).stat().st_size
+    (bad / "index.json").write_text(json.dumps(index))
     tail = bad / names[1]
     tail.write_bytes(tail.read_bytes()[: tail.stat().st_size // 3])  # truncated mid-sample
     c = cfg(bad, max_error_rate=0.5, steps_per_epoch=25)
@@ -206,11 +211,35 @@ def test_corrupt_images_and_truncated_tar_are_counted_and_skipped(shards, tmp_pa
         for batch in stream:
             check_pk_batch(batch, 12)
     assert stream.error_count >= 3
-    assert f"read error in shard {tail}" in caplog.text
+    assert f"shard error in shard {tail} at sample None: " in caplog.text  # its size differs from index.json
     assert f"decode error in shard {bad / names[0]} at sample" in caplog.text
     strict = build_train_stream(replace(c, max_error_rate=0.0), seed=0, rank=0, world_size=1)
     with pytest.raises(DataError, match=r"exceed data\.max_error_rate=0\.0"):
         _batches(strict)
+
+
+@pytest.mark.parametrize("sizes_listed", [True, False], ids=["size-check", "read-errors"])
+def test_truncated_tars_alone_exceed_the_error_budget(shards, tmp_path, sizes_listed):
+    """A shard of another size than index.json lists is skipped and counted when opened; without listed
+    sizes, read errors count like decode errors (webdataset's outer stages used to swallow the error
+    the budget raised). Either way the stream stops past the rate."""
+    bad = tmp_path / "cut"
+    shutil.copytree(shards, bad)
+    index = json.loads((bad / "index.json").read_text())
+    for s in index["shards"]:
+        if s["split"] == "train":
+            tar = bad / s["name"]
+            with tarfile.open(tar) as t:  # cut inside a sample's image: every sample before it is complete,
+                members = t.getmembers()  # so only the tar reader sees an error
+            first = next(m for m in members[len(members) // 2:] if not m.name.endswith(".json"))
+            tar.write_bytes(tar.read_bytes()[: first.offset_data + 10])
+            if not sizes_listed:
+                del s["bytes"]
+    (bad / "index.json").write_text(json.dumps(index))
+    c = cfg(bad, max_error_rate=0.001, steps_per_epoch=50, workers=0)
+    with pytest.raises(DataError, match=r"read error in shard .*exceed data\.max_error_rate=0\.001|"
+                                        r"data errors in \d+ samples exceed data\.max_error_rate=0\.001"):
+        _batches(build_train_stream(c, seed=0, rank=0, world_size=1))
 
 
 def test_pipe_urls_refused_unless_allowed(shards):

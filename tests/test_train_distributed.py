@@ -56,9 +56,9 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in recs]
 
 
-def launch(cmd: list[str], timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
+def launch(cmd: list[str], timeout: int = TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a launcher command; fail with its output tail if it does not exit 0."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(cmd[:6])} ... exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r
@@ -82,15 +82,32 @@ def zero_runs(setup):
     ds3 = json.loads((REPO / "configs" / "deepspeed" / "zero3_fp32.json").read_text())
     ds3["train_micro_batch_size_per_gpu"] = 8
     ds3["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # no small-param shortcut
+    ds3["zero_optimization"]["stage3_prefetch_bucket_size"] = 0  # gathered means needed now: no prefetch,
+    ds3["zero_optimization"]["stage3_max_reuse_distance"] = 0  # and no keeping for a later reuse
     (root / "zero3.json").write_text(json.dumps(ds3))
     runs = {}
     for stage in range(4):
         extra = [f"train.zero_stage={stage}", f"train.run_name=zero{stage}"]
-        if stage == 3:
-            extra.append(f"train.deepspeed_config={root / 'zero3.json'}")
-        launch(deepspeed_cmd(base + extra))
+        cmd, env = deepspeed_cmd(base + extra), None
+        if stage == 3:  # through the residency probe
+            cmd.append(f"train.deepspeed_config={root / 'zero3.json'}")
+            cmd[cmd.index(TRAIN)] = str(REPO / "tests" / "zero3_probe.py")
+            env = {"ZERO3_PROBE_OUT": str(root / "zero3_probe"), "PYTHONPATH": str(REPO / "tests")}
+        launch(cmd, env=env)
         runs[stage] = root / "runs" / f"zero{stage}"
     return runs
+
+
+def test_zero3_keeps_parameters_partitioned(zero_runs):
+    """Each rank holds half of the parameter elements between steps, and a block's forward sees only a
+    small part of the model gathered (old code: every parameter, for the whole step)."""
+    probes = [json.loads((zero_runs[3].parent.parent / "zero3_probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for probe in probes:
+        assert len(probe["after_step"]) == STEPS
+        for after in probe["after_step"]:
+            assert 0.45 <= after["partition"] <= 0.55, after
+            assert after["available"] <= 0.1, after
+        assert max(probe["block_forward"]) <= 0.3, max(probe["block_forward"])
 
 
 def test_zero_stages_give_the_same_losses(zero_runs):

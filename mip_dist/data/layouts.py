@@ -11,7 +11,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional
 
 from mip_dist.data.records import INFRARED, VISIBLE, Record
@@ -102,13 +102,34 @@ def read_path_label_file(path: Path, root: Path) -> list[tuple[Path, int, int]]:
         parts = line.split()
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
             raise DatasetError(f"{path}:{lineno}: expected 'relative/path label', got {line.strip()!r}")
-        image = root / parts[0]
+        image = root / _inside_root(parts[0], path, lineno)
         if not image.is_file():
             raise DatasetError(f"{path}:{lineno}: image {image} does not exist")
         out.append((image, int(parts[1]), lineno))
     if not out:
         raise DatasetError(f"{path}: no 'path label' lines found")
     return out
+
+
+def _inside_root(rel: str, index_file: Path, lineno: int) -> PurePosixPath:
+    """An index line's path, refused if absolute or if it climbs with '..': only files under the root are packed."""
+    posix = PurePosixPath(rel)
+    if posix.is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive or ".." in posix.parts:
+        raise DatasetError(f"{index_file}:{lineno}: {rel!r} points outside the dataset root "
+                           f"(absolute or '..' path); index lines must name files under the root")
+    return posix
+
+
+def detect_layout(root: str) -> Optional[str]:
+    """Which dataset layout a folder holds ("sysu", "regdb", "llcm"), from its index files; None if none."""
+    base = Path(root)
+    if (base / "exp" / "train_id.txt").is_file() and (base / "cam1").is_dir():
+        return "sysu"
+    if any((base / "idx").glob("train_visible_*.txt")):
+        return "regdb"
+    if (base / "idx" / "train_vis.txt").is_file():
+        return "llcm"
+    return None
 
 
 def _summarise(report: ReadReport, dataset: str, root: str) -> None:
@@ -236,5 +257,9 @@ def _check_both_modalities(records: list[Record], what: str) -> None:
 
 
 def relative_path(record: Record, root: str) -> str:
-    """The record's path relative to the dataset root, with forward slashes (portable, stable)."""
-    return Path(os.path.relpath(record.path, root)).as_posix()
+    """The record's path relative to the dataset root, with forward slashes (portable, stable); a
+    record outside the root is refused, so no file from elsewhere is ever packed."""
+    rel = Path(os.path.relpath(record.path, root)).as_posix()
+    if rel == ".." or rel.startswith("../") or Path(rel).is_absolute():
+        raise DatasetError(f"{record.path} is outside the dataset root {root}")
+    return rel

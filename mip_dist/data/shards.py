@@ -6,6 +6,9 @@ each sample also carries a json with its identity, contiguous train label, camer
 path and key. Training samples are shuffled (seeded) before they are cut into size-bounded shards;
 shards are written in parallel; undecodable images are reported and left out; a re-run on unchanged
 input (same fingerprint) does nothing, and any run writes the same bytes for the same input.
+Sample keys are unique by construction. A run writes into a temporary sibling folder that replaces
+the output folder only when complete, and it never replaces files that are not shards, nor another
+dataset's shards unless told to (`overwrite`).
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import shutil
+import tarfile
+import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +43,18 @@ DEFAULT_MAX_SHARD_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_SHARD_SAMPLES = 500
 TAR_BLOCK = 512
 TAR_RECORD = 10240  # tar files end padded to a multiple of this
+KEY_HASH_CHARS = 10  # hex digits of the path hash that tells apart keys whose names sanitise alike
+SAFE_STEM = re.compile(r"^[A-Za-z0-9_/-]+$")  # stems that sanitise without losing a character (besides '/')
 INDEX_KEYS = ("version", "dataset", "regdb_split", "counts", "identity_map", "num_classes", "num_cameras",
               "shards", "test_records", "skipped", "fingerprint")
 
 
 class ShardError(ValueError):
     """Shards or index.json that cannot be used; the message names the file."""
+
+
+class ShardsExistError(ShardError):
+    """The output folder holds something the writer must not replace (other shards, other files)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,28 @@ def sample_key(rel: str) -> str:
     splits a name at the first dot of its base name)."""
     stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
     return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+
+
+def assign_keys(rels: Iterable[str]) -> dict[str, str]:
+    """Tar key of every relative path, unique by construction: a path whose name loses characters to
+    sanitising (`ä.jpg`), or whose key another path shares (`a.jpg`, `a.png`), gets a suffix hashed from
+    its own path, so a key never depends on file order and two images never share one."""
+    rels = list(rels)
+    by_key: dict[str, list[str]] = {}
+    for rel in rels:
+        by_key.setdefault(sample_key(rel), []).append(rel)
+    keys: dict[str, str] = {}
+    for key, group in by_key.items():
+        for rel in group:
+            stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+            lossy = len(group) > 1 or not SAFE_STEM.match(stem)
+            keys[rel] = f"{key}_{hashlib.sha256(rel.encode()).hexdigest()[:KEY_HASH_CHARS]}" if lossy else key
+    owner: dict[str, str] = {}
+    for rel, key in keys.items():
+        if key in owner:
+            raise ShardError(f"{owner[key]} and {rel} map to the same sample key {key!r}; rename one of them")
+        owner[key] = rel
+    return keys
 
 
 def image_ext(path: str) -> str:
@@ -170,25 +204,45 @@ def _pack(items: list[_Item], sizes: list[int], max_bytes: int, max_samples: int
 # ----------------------------------------------------------------------------------- writer
 
 
-def write_shards(dataset: str, root: str, out: str, *, regdb_split: int = 1,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 max_shard_samples: int = DEFAULT_MAX_SHARD_SAMPLES, workers: int = 2, seed: int = 0,
-                 progress: bool = True) -> dict:
-    """Shard dataset `dataset` at `root` into `out`; returns the index (also written as index.json)."""
+def _params(dataset: str, regdb_split: int, seed: int, max_shard_bytes: int, max_shard_samples: int) -> dict:
+    """The settings that, with the input files, determine the shard bytes (part of the fingerprint)."""
     if max_shard_bytes < 1 or max_shard_samples < 1:
         raise ShardError(f"max_shard_bytes ({max_shard_bytes}) and max_shard_samples "
                          f"({max_shard_samples}) must be positive")
+    return {"regdb_split": regdb_split if dataset == "regdb" else None, "seed": seed,
+            "max_shard_bytes": max_shard_bytes, "max_shard_samples": max_shard_samples}
+
+
+def shards_up_to_date(dataset: str, root: str, out: str, *, regdb_split: int = 1,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                      max_shard_samples: int = DEFAULT_MAX_SHARD_SAMPLES, seed: int = 0) -> Optional[dict]:
+    """The index in `out` if write_shards with these arguments would leave it as it is, else None."""
+    params = _params(dataset, regdb_split, seed, max_shard_bytes, max_shard_samples)
+    return _up_to_date(Path(out), fingerprint(dataset, root, read_dataset(dataset, root, regdb_split), params))
+
+
+def write_shards(dataset: str, root: str, out: str, *, regdb_split: int = 1,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 max_shard_samples: int = DEFAULT_MAX_SHARD_SAMPLES, workers: int = 2, seed: int = 0,
+                 progress: bool = True, overwrite: bool = False, replace_outdated: bool = True) -> dict:
+    """Shard dataset `dataset` at `root` into `out`; returns the index (also written as index.json).
+    What `out` may already hold is decided by check_output_folder; the write goes to a temporary sibling
+    folder swapped in when complete, so an interrupted write leaves the old shards as they were."""
+    params = _params(dataset, regdb_split, seed, max_shard_bytes, max_shard_samples)
     records = read_dataset(dataset, root, regdb_split)
-    params = {"regdb_split": regdb_split if dataset == "regdb" else None, "seed": seed,
-              "max_shard_bytes": max_shard_bytes, "max_shard_samples": max_shard_samples}
     fp = fingerprint(dataset, root, records, params)
     out_dir = Path(out)
     existing = _up_to_date(out_dir, fp)
     if existing is not None:
         log.info("shards in %s are up to date (fingerprint %s)", out_dir, fp[:12])
         return existing
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+    check_output_folder(out_dir, dataset, params["regdb_split"], overwrite=overwrite,
+                        replace_outdated=replace_outdated)
+    keys = assign_keys(relative_path(r, root) for r in records)
+    target = out_dir.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, "tmp")
+    tmp.mkdir()
     pool = _pool(workers)
     try:
         reasons = _check_all(records, pool, progress)
@@ -197,20 +251,151 @@ def write_shards(dataset: str, root: str, out: str, *, regdb_split: int = 1,
         for s in skipped:
             log.warning("skipping undecodable image %s: %s", s["path"], s["reason"])
         kept = [r for r, why in zip(records, reasons) if why is None]
-        index = _plan_and_write(dataset, root, out_dir, kept, params, seed, pool, progress)
+        index = _plan_and_write(dataset, root, tmp, kept, keys, params, seed, pool, progress)
+        index["skipped"] = skipped
+        index["fingerprint"] = fp
+        index = {k: index[k] for k in INDEX_KEYS}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1))
+        _install(tmp, target)
     finally:
         if pool is not None:
             pool.shutdown()
-    index["skipped"] = skipped
-    index["fingerprint"] = fp
-    index = {k: index[k] for k in INDEX_KEYS}
-    _remove_stale(out_dir, {s["name"] for s in index["shards"]})
-    tmp = out_dir / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out_dir / INDEX_NAME)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %d shards (%d train, %d test samples, %d skipped) to %s", len(index["shards"]),
              index["counts"]["train"]["total"], index["counts"]["test"]["total"], len(skipped), out_dir)
     return index
+
+
+# ----------------------------------------------------------------------------------- output folder
+
+
+def _is_shard_file(name: str) -> bool:
+    """A name the writer itself creates in an output folder: a shard, the index, or their temporaries."""
+    if name in (INDEX_NAME, INDEX_NAME + ".tmp"):
+        return True
+    return bool(SHARD_PATTERN.match(name[:-4] if name.endswith(".tar.tmp") else name))
+
+
+def _some(names: Iterable[str], n: int = 3) -> str:
+    """A few names for a message, with how many more there are."""
+    names = list(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def describe_index(index: dict) -> str:
+    """What an index holds, in words: dataset, RegDB split, image counts."""
+    dataset = index.get("dataset")
+    split = f" of RegDB split {index.get('regdb_split')}" if dataset == "regdb" else ""
+    try:
+        counts = f" ({index['counts']['train']['total']} train / {index['counts']['test']['total']} test images)"
+    except (KeyError, TypeError):
+        counts = ""
+    return f"{dataset} shards{split}{counts}"
+
+
+@dataclass(frozen=True)
+class FolderContents:
+    """What an output folder holds, so a writer can tell its own shards from anything else."""
+
+    path: Path
+    index: Optional[dict]  # index.json, parsed; None when absent or unreadable
+    index_problem: Optional[str]  # why index.json could not be read
+    shard_files: tuple[str, ...]  # names the writer creates
+    other: tuple[str, ...]  # everything else
+
+    @property
+    def empty(self) -> bool:
+        """Absent, or a folder with nothing in it."""
+        return not self.shard_files and not self.other
+
+    def describe(self) -> str:
+        """What is there, in words, for an error message."""
+        if self.other:
+            return f"files that are not shards ({_some(self.other)})"
+        if self.index_problem is not None:
+            return f"an {INDEX_NAME} that cannot be read ({self.index_problem})"
+        if self.index is None:
+            return f"shard files but no {INDEX_NAME} ({_some(self.shard_files)})"
+        return describe_index(self.index)
+
+
+def inspect_folder(folder: Path) -> FolderContents:
+    """Classify the entries of `folder` (read only)."""
+    if not folder.exists():
+        return FolderContents(folder, None, None, (), ())
+    if not folder.is_dir():
+        raise ShardsExistError(f"{folder} exists and is not a folder")
+    names = sorted(p.name for p in folder.iterdir())
+    ours = tuple(n for n in names if _is_shard_file(n) and (folder / n).is_file())
+    other = tuple(n for n in names if n not in ours)
+    index: Optional[dict] = None
+    problem: Optional[str] = None
+    if INDEX_NAME in ours:
+        try:
+            loaded = json.loads((folder / INDEX_NAME).read_text())
+            if isinstance(loaded, dict):
+                index = loaded
+            else:
+                problem = "not a JSON object"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            problem = str(exc)
+    return FolderContents(folder, index, problem, ours, other)
+
+
+def check_output_folder(out_dir: Path, dataset: str, regdb_split: Optional[int], *, overwrite: bool,
+                        replace_outdated: bool) -> None:
+    """Refuse, before anything is written, what must not be replaced: files that are not shards always, another
+    dataset's or split's shards unless `overwrite`, shards from other input or settings unless `replace_outdated`."""
+    contents = inspect_folder(out_dir)
+    if contents.empty:
+        return
+    if contents.other:
+        raise ShardsExistError(f"{out_dir} holds {contents.describe()}; shards are written only into an empty "
+                               "folder or one that holds nothing but shards: choose another output folder")
+    index = contents.index
+    same = index is not None and index.get("dataset") == dataset and index.get("regdb_split") == regdb_split
+    if overwrite or (same and replace_outdated):
+        return
+    what = contents.describe() + (" written from other input or settings" if same else "")
+    raise ShardsExistError(f"{out_dir} already holds {what}; pass --overwrite to replace them, or choose "
+                           "another output folder")
+
+
+def _sibling(folder: Path, tag: str) -> Path:
+    """A fresh hidden path beside `folder` (same file system, so renames between them are atomic)."""
+    return folder.parent / f".{folder.name}.{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Put the finished folder `tmp` in place of `target`: a rename when `target` is absent or empty,
+    else a swap (old renamed aside, new renamed in, old removed) that never loses the old shards."""
+    if target.exists() and not any(target.iterdir()):
+        try:
+            target.rmdir()
+        except OSError:  # e.g. a mount point: move the files in, the index last
+            for f in sorted(tmp.iterdir(), key=lambda p: p.name == INDEX_NAME):
+                os.replace(f, target / f.name)
+            tmp.rmdir()
+            return
+    if not target.exists():
+        tmp.rename(target)
+        return
+    old = _sibling(target, "old")
+    try:
+        target.rename(old)
+    except OSError as exc:
+        raise ShardError(f"cannot move {target} aside to replace it ({exc}); write into another folder") from exc
+    try:
+        tmp.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    left = inspect_folder(old)
+    if left.other:  # someone put files there while we wrote: keep them
+        log.warning("kept the previous contents of %s at %s: it now holds %s", target, old, left.describe())
+        return
+    shutil.rmtree(old)
 
 
 def _check_all(records: list[Record], pool: Optional[ProcessPoolExecutor], progress: bool) -> list[Optional[str]]:
@@ -227,8 +412,8 @@ def _check_all(records: list[Record], pool: Optional[ProcessPoolExecutor], progr
     return results
 
 
-def _plan_and_write(dataset: str, root: str, out_dir: Path, kept: list[Record], params: dict, seed: int,
-                    pool: Optional[ProcessPoolExecutor], progress: bool) -> dict:
+def _plan_and_write(dataset: str, root: str, out_dir: Path, kept: list[Record], keys: dict[str, str],
+                    params: dict, seed: int, pool: Optional[ProcessPoolExecutor], progress: bool) -> dict:
     """Labels, keys, shuffled train order, shard groups; write the tars; the index without skipped."""
     train = [r for r in kept if r.split == "train"]
     test = [r for r in kept if r.split == "test"]
@@ -240,15 +425,9 @@ def _plan_and_write(dataset: str, root: str, out_dir: Path, kept: list[Record], 
     if one_modality:
         log.warning("%d training identities have images of one modality only (e.g. %s); cross-modality "
                     "PK batches never pick them", len(one_modality), one_modality[:5])
-    keys: dict[str, int] = {}
-
     def item(r: Record) -> _Item:
         rel = relative_path(r, root)
-        key = sample_key(rel)
-        if key in keys:  # two paths that sanitise to the same key: disambiguate, deterministically
-            keys[key] += 1
-            key = f"{key}_{keys[key]}"
-        keys.setdefault(key, 0)
+        key = keys[rel]
         label = identity_map[r.pid] if r.split == "train" else -1
         return _Item(r.path, image_ext(r.path), {"pid": r.pid, "label": label, "camera": r.camera,
                                                  "modality": r.modality, "path": rel, "key": key})
@@ -299,20 +478,15 @@ def _up_to_date(out_dir: Path, fp: str) -> Optional[dict]:
         return None
     if index.get("fingerprint") != fp:
         return None
+    try:
+        _check_unique_test_keys(index, path)
+    except ShardError:  # written by the old key scheme: rewrite
+        return None
     for s in index.get("shards", []):
         f = out_dir / s["name"]
         if not f.is_file() or f.stat().st_size != s.get("bytes"):
             return None
     return index
-
-
-def _remove_stale(out_dir: Path, keep: set[str]) -> None:
-    """Delete shards of an earlier, larger run (only files named like our own shards)."""
-    for f in out_dir.iterdir():
-        if SHARD_PATTERN.match(f.name) and f.name not in keep:
-            f.unlink()
-        elif f.name.endswith(".tar.tmp") and SHARD_PATTERN.match(f.name[:-4]):
-            f.unlink()
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -339,7 +513,39 @@ def read_index(shards_dir: str) -> dict:
     if index["num_classes"] != len(index["identity_map"]):
         raise ShardError(f"{path}: num_classes {index['num_classes']} != {len(index['identity_map'])} "
                          f"identities in identity_map")
+    _check_unique_test_keys(index, path)
     return index
+
+
+def _check_unique_test_keys(index: dict, path: Path) -> None:
+    """Two test records under one key would share one image's feature at evaluation: refuse them."""
+    first: dict[str, str] = {}
+    for r in index.get("test_records") or []:
+        key = r.get("key")
+        if key in first:
+            raise ShardError(f"{path}: test_records hold key {key!r} twice ({first[key]} and {r.get('path')}); "
+                             "these shards were written by an older writer: rewrite them with "
+                             "`python launch/make_shards.py ... --overwrite`")
+        first[key] = r.get("path")
+
+
+def check_split_keys(shards_dir: str, split: str, index: Optional[dict] = None) -> None:
+    """Refuse shards of one split that store a sample key twice (reads tar headers only, not images)."""
+    index = index if index is not None else read_index(shards_dir)
+    seen: dict[str, str] = {}
+    for url in shard_urls(shards_dir, split, index):
+        name = Path(url).name
+        with tarfile.open(url) as tar:
+            for member in tar:
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                if ext != "json":  # one json per sample
+                    continue
+                if key in seen:
+                    where = "twice in this shard" if seen[key] == name else f"again (first in {seen[key]})"
+                    raise ShardError(f"{Path(shards_dir) / name}: sample key {key!r} is stored {where}; "
+                                     f"the {split} split must not repeat a key: rewrite the shards with "
+                                     "`python launch/make_shards.py ... --overwrite`")
+                seen[key] = name
 
 
 def check_regdb_split(index: dict, regdb_split: int, shards_dir: str) -> None:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mip_dist.config import DataConfig
 from mip_dist.data.records import INFRARED, VISIBLE
-from mip_dist.data.shards import INDEX_NAME, ShardError, read_index, shard_urls
+from mip_dist.data.shards import INDEX_NAME, ShardError, check_split_keys, read_index, shard_urls
 from mip_dist.data.transforms import IMAGE_EXTS, RandomChannel, decode_rgb, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -169,17 +169,40 @@ class ErrorCounter:
                             f"{key}: {exc})")
 
 
-def iter_shard_samples(url: str, counter: ErrorCounter) -> Iterator[RawSample]:
-    """Samples of one shard via webdataset's tar reader; read errors end the shard (counted once)."""
-    state: dict[str, Any] = {"key": None, "failed": False}
+def shard_size_error(url: str, expected_bytes: Optional[int]) -> Optional[str]:
+    """Why a local shard cannot be the one index.json lists (missing, or another size), else None.
+    One stat per shard open; remote URLs are not checked."""
+    parsed = urlparse(url)
+    if expected_bytes is None or parsed.scheme not in ("", "file"):
+        return None
+    path = Path(parsed.path)
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    return None if size == expected_bytes else f"{size} bytes, index.json lists {expected_bytes} (truncated or replaced)"
+
+
+def iter_shard_samples(url: str, counter: ErrorCounter, expected_bytes: Optional[int] = None) -> Iterator[RawSample]:
+    """Samples of one shard via webdataset's tar reader; a shard of the wrong size is skipped and read
+    errors end the shard, each counted once against data.max_error_rate."""
+    problem = shard_size_error(url, expected_bytes)
+    if problem is not None:
+        counter.record("shard", url, None, problem)
+        return
+    state: dict[str, Any] = {"key": None, "failed": False, "over_budget": None}
 
     def handler(exn: Exception) -> bool:
         if not state["failed"]:  # a truncated tar raises once per layer; count it once
             state["failed"] = True
-            counter.record("read", url, state["key"], exn)
+            try:
+                counter.record("read", url, state["key"], exn)
+            except DataError as over:  # webdataset's outer stages would swallow it: re-raised below
+                state["over_budget"] = over
         return True
 
     for s in wds.tariterators.tarfile_samples([{"url": url}], handler=handler):
+        if state["over_budget"] is not None:
+            raise state["over_budget"]
         key = s.get("__key__")
         state["key"] = key
         counter.seen += 1
@@ -198,6 +221,8 @@ def iter_shard_samples(url: str, counter: ErrorCounter) -> Iterator[RawSample]:
             counter.record("metadata", url, key, f"modality {sample.modality}, camera {sample.camera}")
             continue
         yield sample
+    if state["over_budget"] is not None:
+        raise state["over_budget"]
 
 
 def slot_shards(urls: list[str], *, seed: int, epoch: int, pass_index: int, rank: int, world_size: int,
@@ -225,9 +250,11 @@ class SlotSource:
     """Endless samples of one slot: pass after pass of its shards; an empty pass is an error."""
 
     def __init__(self, urls: list[str], counter: ErrorCounter, *, seed: int, epoch: int, rank: int,
-                 world_size: int, worker: int, num_workers: int, resampled: bool) -> None:
+                 world_size: int, worker: int, num_workers: int, resampled: bool,
+                 sizes: Optional[dict[str, int]] = None) -> None:
         self.urls = urls
         self.counter = counter
+        self.sizes = sizes or {}
         self.kw = dict(seed=seed, epoch=epoch, rank=rank, world_size=world_size, worker=worker,
                        num_workers=num_workers, resampled=resampled)
         self.passes = 0
@@ -238,7 +265,7 @@ class SlotSource:
             shards = slot_shards(self.urls, pass_index=self.passes, **self.kw)
             got = 0
             for url in shards:
-                for sample in iter_shard_samples(url, self.counter):
+                for sample in iter_shard_samples(url, self.counter, self.sizes.get(url)):
                     got += 1
                     yield sample
             self.passes += 1
@@ -376,6 +403,7 @@ class _StreamSpec:
     channel_aug: bool
     max_error_rate: float
     augment: str = "paper"
+    shard_bytes: tuple[tuple[str, int], ...] = ()  # sizes from index.json, checked when a shard is opened
 
 
 def worker_share(steps: int, worker: int, num_workers: int) -> int:
@@ -405,7 +433,8 @@ class _EpochShare(IterableDataset):
         where = f"rank {sp.rank} worker {w}"
         counter = ErrorCounter(sp.max_error_rate, where)
         source = SlotSource(list(sp.urls), counter, seed=sp.seed, epoch=self.epoch, rank=sp.rank,
-                            world_size=sp.world_size, worker=w, num_workers=nw, resampled=sp.resampled)
+                            world_size=sp.world_size, worker=w, num_workers=nw, resampled=sp.resampled,
+                            sizes=dict(sp.shard_bytes))
         rng = np.random.default_rng(_seed(sp.seed, self.epoch, sp.rank, w, 1))
         buf = PKBuffer(sp.buffer_size, rng)
         tf = train_transform(sp.img_size, sp.augment)
@@ -435,6 +464,7 @@ class _EpochShare(IterableDataset):
                 "pid": torch.tensor([s.label for s, _ in pairs], dtype=torch.int64),
                 "camera": torch.tensor([s.camera - 1 for s, _ in pairs], dtype=torch.int64),
                 "modality": torch.tensor([s.modality for s, _ in pairs], dtype=torch.int64),
+                "sources": [(s.url, s.key) for s, _ in pairs],  # names a bad sample in errors
                 "_stats": {"worker": w, "errors": counter.errors, "seen": counter.seen},
             }
 
@@ -512,6 +542,15 @@ class TrainStream:
         self.error_count = int(state.get("error_count", 0))
 
 
+def _listed_sizes(urls: list[str], index: Optional[dict]) -> tuple[tuple[str, int], ...]:
+    """(url, bytes) for the train shards index.json lists with a size."""
+    if index is None:
+        return ()
+    by_name = {s["name"]: s["bytes"] for s in index["shards"] if s["split"] == "train" and "bytes" in s}
+    return tuple((u, int(by_name[Path(urlparse(u).path).name])) for u in urls
+                 if Path(urlparse(u).path).name in by_name)
+
+
 def build_train_stream(data_cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> TrainStream:
     """The training stream of one rank (data.train_urls, else the train shards in data.shards)."""
     if world_size < 1 or not 0 <= rank < world_size:
@@ -536,7 +575,7 @@ def build_train_stream(data_cfg: DataConfig, *, seed: int, rank: int, world_size
                        num_ids=num_ids, num_instances=data_cfg.num_instances, buffer_size=buffer,
                        img_size=tuple(data_cfg.img_size), resampled=data_cfg.resampled,
                        channel_aug=data_cfg.channel_aug, max_error_rate=data_cfg.max_error_rate,
-                       augment=data_cfg.augment)
+                       augment=data_cfg.augment, shard_bytes=_listed_sizes(urls, index))
     log.info("train stream rank %d/%d: %d shards, %d steps/epoch, batch %d = %d ids x (%d vis + %d ir), "
              "%d workers%s", rank, world_size, len(urls), steps, b, num_ids, data_cfg.num_instances,
              data_cfg.num_instances, data_cfg.workers, ", resampled" if data_cfg.resampled else "")
@@ -624,6 +663,7 @@ def build_test_loader(data_cfg: DataConfig, *, rank: int = 0, world_size: int = 
     if not data_cfg.shards:
         raise DataError("data.shards (a folder with index.json) must be set to evaluate")
     index = read_index(data_cfg.shards)
+    check_split_keys(data_cfg.shards, "test", index)  # one key per image: features are matched by key
     shards = [(str(Path(data_cfg.shards) / s["name"]), int(s["count"])) for s in index["shards"]
               if s["split"] == "test"]
     if not shards:

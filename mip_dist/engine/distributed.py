@@ -5,6 +5,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -65,8 +66,19 @@ def launcher_env(local_rank_arg: int = -1) -> dict[str, str]:
     return env
 
 
-def init_distributed(device_preference: str = "auto", local_rank_arg: int = -1) -> DistEnv:
-    """Start the process group through DeepSpeed: nccl on GPUs, gloo on CPUs."""
+DEFAULT_COLLECTIVE_TIMEOUT_S = {"cpu": 300.0, "cuda": 600.0}
+
+
+def collective_timeout(seconds: float, device: torch.device) -> timedelta:
+    """How long a collective waits for a missing rank before the job fails: `seconds`, or for 0 the
+    default of the device type (300 s on CPU, 600 s on GPU)."""
+    return timedelta(seconds=seconds if seconds > 0 else DEFAULT_COLLECTIVE_TIMEOUT_S.get(device.type, 600.0))
+
+
+def init_distributed(device_preference: str = "auto", local_rank_arg: int = -1,
+                     timeout_s: float = 0.0) -> DistEnv:
+    """Start the process group through DeepSpeed: nccl on GPUs, gloo on CPUs; collectives time out
+    after `timeout_s` (0: the device's default), so a hung rank ends the job instead of blocking it."""
     import deepspeed
 
     env = launcher_env(local_rank_arg)
@@ -80,7 +92,8 @@ def init_distributed(device_preference: str = "auto", local_rank_arg: int = -1) 
         local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=collective_timeout(timeout_s, device))
     log.info("rank %d/%d (local %d) on %s, backend %s, master %s:%s",
              rank, world, local, device, backend, env["MASTER_ADDR"], env["MASTER_PORT"])
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
@@ -110,11 +123,27 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def comm_device() -> torch.device:
+    """The device the process group's backend takes tensors on: this rank's GPU for nccl, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks in place (no-op outside a process group)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    """Sum of a tensor over ranks, on t's device (no-op outside a process group). The reduction runs on
+    the backend's device (NCCL rejects CPU tensors, gloo takes them), in place when t is already there."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    device = comm_device()
+    on_backend = t if t.device == device else t.to(device)
+    dist.all_reduce(on_backend, op=dist.ReduceOp.SUM)
+    return on_backend if on_backend is t else on_backend.to(t.device)
+
+
+def to_host(t: torch.Tensor) -> list[float]:
+    """A small tensor's values on the host: the one device->host read a training step makes."""
+    return [float(x) for x in t.detach().double().cpu().reshape(-1).tolist()]
 
 
 def shutdown(wait: bool = True) -> None:

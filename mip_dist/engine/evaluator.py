@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mip_dist.engine import distributed
 from mip_dist.eval.metrics import pairwise_distance, rank_metrics
 from mip_dist.eval.protocols import Setting, build_settings
 from mip_dist.eval.rerank import re_ranking
@@ -54,7 +55,7 @@ def _gather_shares(feats: torch.Tensor, keys: list[str], device: torch.device) -
     dim = max(d for _, d in shares)
     if dim < 0:
         return feats, []
-    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    comm_device = distributed.comm_device()
     padded = torch.zeros(max(sizes), dim, dtype=torch.float32, device=comm_device)
     if feats.numel():
         padded[: feats.shape[0]] = feats.to(comm_device)

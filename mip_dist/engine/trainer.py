@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import random
 import signal
 import sys
@@ -20,12 +19,15 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mip_dist.config import Config, from_dict, save_config, to_dict
+from mip_dist.data.batch import check_batch
 
 from . import checkpoint as ckpt
-from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier, broadcast_object
+from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier, broadcast_object, to_host
 from .ds_config import load_ds_config
 from .metrics_log import MetricsLogger, StepTimer
 from .optim import build_optimizer, build_param_groups, freeze_backbone, set_lr
+from .run_checks import check_shards_for_run
+from .zero import prepare_for_zero3
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +85,16 @@ def resolve_run_dir(cfg: Config, resume: Optional[str]) -> tuple[Path, Optional[
 
 class DictOutput(nn.Module):
     """Wraps the model for DeepSpeed: returns its output dataclass as a dict (ZeRO-3 hooks only see
-    tensors inside tuples/lists/dicts). Under ZeRO-3 every parameter is registered as external to this
-    root, so parameters the model reads outside their own module's forward (top-level embeddings, sliced
-    qkv weights) are gathered for the whole forward and backward; gradients and optimizer states stay
-    partitioned. Checkpoint keys carry the `model.` prefix; exports strip it."""
+    tensors inside tuples/lists/dicts). Under ZeRO-3 every parameter is read only inside its own
+    module's call (see engine/zero.py), so ZeRO gathers one module's parameters at a time and none is
+    registered as external. Checkpoint keys carry the `model.` prefix; exports strip it."""
 
     def __init__(self, model: nn.Module, zero3: bool) -> None:
         super().__init__()
         self.model = model
         self._out_type: Optional[type] = None
         if zero3:
-            import deepspeed
-
-            for p in model.parameters():
-                deepspeed.zero.register_external_parameter(self, p)
+            prepare_for_zero3(self, model)
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         out = self.model(*args, **kwargs)
@@ -161,12 +159,12 @@ class Trainer:
         """Model (optionally with a frozen backbone), parameter groups, client optimizer, DeepSpeed engine."""
         import deepspeed
 
-        from mip_dist.data.shards import check_regdb_split, read_index
+        from mip_dist.data.shards import read_index
         from mip_dist.model import build_model, param_category
 
         cfg = self.cfg
         self.index = read_index(cfg.data.shards)
-        check_regdb_split(self.index, cfg.data.regdb_split, cfg.data.shards)
+        check_shards_for_run(cfg, self.index, cfg.data.shards)
         self.num_classes, self.num_cameras = int(self.index["num_classes"]), int(self.index["num_cameras"])
         self._build_model = build_model
         model = build_model(cfg.model, cfg.attention, num_classes=self.num_classes, num_cameras=self.num_cameras)
@@ -262,7 +260,8 @@ class Trainer:
                 log.info("%s already finished at step %d; nothing to do", self.run_dir, self.step)
             self.metrics.close()
             return {**json.loads((self.run_dir / FINISHED).read_text()), "status": "already_finished"}
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        previous = ({sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+                    if _main_thread() else {})
         self.timer = StepTimer()
         self.bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True, desc="train",
                         disable=not (self.is_main and sys.stderr.isatty()))  # log lines only when not a terminal
@@ -277,8 +276,8 @@ class Trainer:
                     self._end_epoch()
         finally:
             self.bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if status == "finished":
             self._finish()
         summary = {"status": status, "step": self.step, "epoch": self.epoch, "run_dir": str(self.run_dir),
@@ -317,7 +316,9 @@ class Trainer:
 
     def _train_step(self, batch: dict[str, torch.Tensor], data_wait: float) -> tuple[bool, bool]:
         """Forward, agree on finiteness/stop across ranks, backward, optimizer step. Returns
-        (an optimizer step happened, all ranks agreed to stop)."""
+        (an optimizer step happened, all ranks agreed to stop). Labels are checked on the host batch;
+        after that the step reads one small tensor back from the device."""
+        check_batch(batch, self.num_classes, self.num_cameras)
         images = batch["images"].to(self.device, dtype=self.dtype, non_blocking=True)
         pids, camera, modality = (batch[k].to(self.device, non_blocking=True) for k in ("pid", "camera", "modality"))
         running_stats = [(b, b.detach().clone()) for b in self.engine.module.buffers()]  # BatchNorm statistics
@@ -325,11 +326,13 @@ class Trainer:
         out = self.engine.module.unpack(self.engine(images, modality, camera))
         loss, parts = self.loss_fn(to_float32(out), pids, modality, self.epoch)
 
-        # one collective: summed loss parts, "some rank's loss is non-finite", "some rank got SIGTERM"
+        # one collective and one host read: summed loss parts, "some rank's loss is non-finite", "some rank got SIGTERM"
         names = ["loss", *sorted(k for k in parts if k != "total")]
-        values = [float(loss.detach()), *(float(parts[k]) for k in names[1:])]
-        stats = all_reduce_sum(torch.tensor([*values, not math.isfinite(values[0]), self._stop], dtype=torch.float64))
-        bad, stop = bool(stats[-2] > 0), bool(stats[-1] > 0)
+        total = loss.detach().double()
+        stats = torch.stack([total, *(parts[k].double() for k in names[1:]), (~torch.isfinite(total)).double(),
+                             total.new_full((), float(self._stop))])
+        values = to_host(all_reduce_sum(stats))
+        bad, stop = values[-2] > 0, values[-1] > 0
         if bad:  # leave no trace: restore the BatchNorm statistics, no backward, no step
             for buf, saved in running_stats:
                 buf.copy_(saved)
@@ -343,8 +346,8 @@ class Trainer:
         grad_norm = self._grad_norm_stage0() if boundary and self.cfg.train.zero_stage == 0 else None
         self.engine.step()
         self.bad_in_row = 0
-        self._accumulate(dict(zip(names, (stats[:-2] / self.env.world_size).tolist())))
-        if boundary:
+        self._accumulate({k: v / self.env.world_size for k, v in zip(names, values[:-2])})
+        if boundary:  # kept as a device tensor until the logging step reads the window
             self._accumulate({"grad_norm": grad_norm if grad_norm is not None else self._grad_norm_zero()})
         self.timer.add(data_wait, images.shape[0], optimizer_steps=int(boundary))
         return boundary, stop
@@ -355,15 +358,16 @@ class Trainer:
         """No gradients pending: the last micro-batch closed an accumulation cycle."""
         return int(self.engine.micro_steps) % self.accum == 0
 
-    def _grad_norm_zero(self) -> float:
-        """Global gradient norm that the ZeRO optimizer computed during its step."""
+    def _grad_norm_zero(self) -> Any:
+        """Global gradient norm that the ZeRO optimizer computed during its step (a float or a tensor)."""
         gn = self.engine.get_global_grad_norm()
-        return float(gn) if gn is not None else float("nan")
+        return gn if gn is not None else float("nan")
 
-    def _grad_norm_stage0(self) -> float:
-        """Global L2 norm of the (already all-reduced) gradients; DeepSpeed reports none without ZeRO."""
+    def _grad_norm_stage0(self) -> Any:
+        """Global L2 norm of the (already all-reduced) gradients, left on the device; DeepSpeed reports
+        none without ZeRO."""
         norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.stack(norms).norm()) if norms else 0.0
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else 0.0
 
     def _skip_bad_step(self) -> bool:
         """Drop a micro-batch whose loss is non-finite on some rank; stop after too many in a row."""
@@ -384,8 +388,8 @@ class Trainer:
                 f"last good checkpoint: {tag}")
         return False
 
-    def _accumulate(self, values: dict[str, float]) -> None:
-        """Collect values for the current logging window."""
+    def _accumulate(self, values: dict[str, Any]) -> None:
+        """Collect values (floats, or device tensors read at the logging step) for the current window."""
         for k, v in values.items():
             self.window.setdefault(k, []).append(v)
 
@@ -403,7 +407,7 @@ class Trainer:
         """Means of the window's values, LR, throughput, data wait and ETA to metrics.jsonl/TensorBoard."""
         record: dict[str, Any] = {"kind": "train", "step": self.step,
                                   "epoch": round(self.epoch + self.micro_in_epoch / self.micro_per_epoch, 4)}
-        record.update({k: float(np.mean(v)) for k, v in self.window.items()})
+        record.update({k: float(np.mean(_floats(v))) for k, v in self.window.items()})
         record["lr"] = self.cfg.optim.lr * _lr_mult(self.optimizer)
         record.update(self.timer.window(self.env.world_size, self.total_steps - self.step))
         record["bad_steps_total"] = self.bad_total
@@ -431,14 +435,20 @@ class Trainer:
             self._evaluate()
 
     def _stop_now(self) -> bool:
-        """Agreed SIGTERM: checkpoint where we are and leave the loop."""
+        """Agreed stop (SIGTERM or Ctrl-C on some rank): checkpoint where we are and leave the loop."""
         tag = self.save()
         if self.is_main:
-            log.warning("SIGTERM: saved %s at step %d; resume with --resume auto", tag, self.step)
+            log.warning("stopped by a signal: saved %s at step %d; resume with --resume auto", tag, self.step)
         return False
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        """Ask for a stop; acted on at the next step boundary, agreed over all ranks."""
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        """SIGTERM or a first Ctrl-C: stop at the next step boundary, agreed over all ranks, after a
+        checkpoint. A second Ctrl-C aborts at once (KeyboardInterrupt, no checkpoint)."""
+        if signum == signal.SIGINT:
+            if self._stop:
+                raise KeyboardInterrupt
+            if self.is_main:
+                log.warning("Ctrl-C: saving a checkpoint at the next step boundary (press Ctrl-C again to abort now)")
         self._stop = True
 
     # ------------------------------------------------------------------------------------------ end
@@ -497,10 +507,16 @@ class Trainer:
             log.warning("could not write the evaluation report: %s", exc)
 
     def _finish(self) -> None:
-        """Final evaluation (if evaluation is on) and the consolidated model_final.pt."""
+        """Refuse non-finite final weights; final evaluation (if evaluation is on); model_final.pt."""
+        state = self._consolidated()
+        broken = broadcast_object(_non_finite_tensors(state) if self.is_main else None)
+        if broken:
+            raise TrainingDiverged(
+                f"the final weights hold non-finite values in {len(broken)} tensors ({', '.join(broken[:3])}"
+                f"{', ...' if len(broken) > 3 else ''}); no model_final.pt and no {FINISHED} marker were written; "
+                f"check optim.lr and the loss curve in {self.run_dir / 'metrics.jsonl'}")
         if self.cfg.train.eval_every_epochs > 0:
             self._evaluate(final=True)
-        state = self._consolidated()
         if self.is_main:
             ckpt.export_model(self.run_dir / "model_final.pt", state, self.cfg, self.num_classes, self.num_cameras)
             try:
@@ -510,6 +526,21 @@ class Trainer:
             except Exception as exc:  # a plot must never end a training run
                 log.warning("could not plot the loss curve: %s", exc)
         barrier()
+
+
+def _non_finite_tensors(state: dict) -> list[str]:
+    """Names of floating tensors in a state dict that hold NaN or inf."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _floats(values: list[Any]) -> list[float]:
+    """A logging window's values as floats: device tensors are read back here, in one copy."""
+    tensors = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    read = iter(to_host(torch.stack([t.to(tensors[0].device) for t in tensors])))
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 def _lr_mult(optimizer: torch.optim.Optimizer) -> float:

@@ -15,10 +15,27 @@ Tensor = torch.Tensor
 class PromptedBlock(Block):
     """A timm Block (same weights, same names) with an exact-compute prompted forward and the literal one.
 
-    `forward(x)` is timm's. `forward_prompted` computes query/MLP rows for `x` only and feeds the prompts
-    to attention as keys/values through the k/v slices of the same qkv Linear; `forward_concat` is the
-    literal form (prompts concatenated as tokens after CLS, outputs at their positions dropped).
+    `forward(x)` is timm's; `forward(x, bank, bank_index, inst, impl)` runs the prompted form, so that
+    module hooks (ZeRO-3's parameter gathering) see every prompted call. `forward_prompted` computes
+    query/MLP rows for `x` only and feeds the prompts to attention as keys/values through the k/v slices
+    of the same qkv Linear; `forward_concat` is the literal form (prompts concatenated as tokens after
+    CLS, outputs at their positions dropped).
     """
+
+    def forward(self, x: Tensor, bank: Optional[Tensor] = None, bank_index: Optional[Tensor] = None,
+                inst: Optional[Tensor] = None, impl: str = "auto", deterministic: bool = False,
+                **timm_kwargs) -> Tensor:
+        """timm's block on x, or x attending to prompts: exact compute, or `impl="concat"` for the literal form."""
+        if bank is None and inst is None:
+            return super().forward(x, **timm_kwargs)
+        if impl == "concat":
+            return self.forward_concat(x, bank, bank_index, inst)
+        return self.forward_prompted(x, bank, bank_index, inst, impl=impl, deterministic=deterministic)
+
+    # ZeRO-3 sets this (engine/zero.py): prompt k/v then come from a call of the qkv module itself, which
+    # ZeRO gathers and re-gathers for backward; a slice of its weight would be saved by autograd and freed
+    # under it. The q rows computed for the prompts are dropped (a few percent more qkv work).
+    kv_through_module = False
 
     @property
     def attn_dim(self) -> int:
@@ -38,9 +55,12 @@ class PromptedBlock(Block):
 
     def kv_heads(self, x_norm: Tensor) -> tuple[Tensor, Tensor]:
         """k, v [B, H, P, D] only (no query rows), from the k/v slices of the qkv weight."""
-        d = self.attn_dim
-        bias = self.attn.qkv.bias[d:] if self.attn.qkv.bias is not None else None
-        k, v = self._split(F.linear(x_norm, self.attn.qkv.weight[d:], bias), 2)
+        if self.kv_through_module:
+            _, k, v = self._split(self.attn.qkv(x_norm), 3)
+        else:
+            d = self.attn_dim
+            bias = self.attn.qkv.bias[d:] if self.attn.qkv.bias is not None else None
+            k, v = self._split(F.linear(x_norm, self.attn.qkv.weight[d:], bias), 2)
         return self.attn.k_norm(k), v
 
     def finish(self, residual: Tensor, o: Tensor) -> Tensor:
@@ -88,7 +108,7 @@ class PromptedBlock(Block):
         if inst is not None:
             prompts.append(inst)
         if not prompts:
-            return self(x)
+            return Block.forward(self, x)
         p = sum(t.shape[1] for t in prompts)
-        out = self(torch.cat([x[:, :1], *prompts, x[:, 1:]], dim=1))
+        out = Block.forward(self, torch.cat([x[:, :1], *prompts, x[:, 1:]], dim=1))  # inside this call's hooks
         return torch.cat([out[:, :1], out[:, 1 + p:]], dim=1)

@@ -31,18 +31,22 @@ class GenerationIPG(nn.Module):
         """Learnable queries like timm's learnable tokens (std 0.02)."""
         trunc_normal_(self.queries, std=0.02)
 
+    def step_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradient path never reaches this module's input (the tokens), so a ZeRO-3
+        engine must keep them gathered for the whole step (see engine/zero.py); Pi x C elements."""
+        return [self.queries]
+
     def forward(self, layer: int, tokens: Tensor, impl: str = "auto", deterministic: bool = False) -> Tensor:
         """Instance prompts [B, Pi, C] for prompted layer `layer` from the tokens [CLS, patches] entering it."""
         patches = tokens[:, 1:]
-        B = patches.shape[0]
         if impl == "concat":
+            B = patches.shape[0]
             x = torch.cat([self.queries.expand(B, -1, -1), patches], dim=1)
             return self.block(x)[:, : self.num_prompts]
         blk = self.block
         q, kq, vq = blk.qkv_heads(blk.norm1(self.queries))  # [1, H, Pi, D]
         k, v = blk.kv_heads(blk.norm1(patches))  # [B, H, Np, D]
-        zeros = torch.zeros(B, dtype=torch.long, device=patches.device)
-        o = prompt_attention(q.expand(B, -1, -1, -1), k, v, kq, vq, zeros, None, None,
+        o = prompt_attention(q, k, v, kq, vq, None, None, None,  # q broadcast; queries' k/v: a one-entry bank
                              scale=blk.attn.scale, impl=impl, deterministic=deterministic)
         return blk.finish(self.queries, o)
 
@@ -68,6 +72,10 @@ class FusionIPG(nn.Module):
         nn.init.uniform_(self.bank, -self.bound, self.bound)
         trunc_normal_(self.weight_head.weight, std=0.02)
         nn.init.zeros_(self.weight_head.bias)
+
+    def step_parameters(self) -> list[nn.Parameter]:
+        """The bank: its gradient path never reaches this module's input (see GenerationIPG)."""
+        return [self.bank]
 
     def forward(self, layer: int, tokens: Tensor, impl: str = "auto", deterministic: bool = False) -> Tensor:
         """Instance prompts [B, Pi, C] = softmax(weights) @ bank[layer]."""

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm, trunc_normal_
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from mip_dist.config import AttentionConfig, ModelConfig
 
@@ -52,6 +53,14 @@ class _Trunk:
     bank: Optional[Tensor] = None
     inst: Optional[Tensor] = None
     inst_means: list[Tensor] = field(default_factory=list)
+
+
+def _host_range(t: Tensor) -> Optional[tuple[int, int]]:
+    """(min, max) of a non-empty CPU label tensor read without a dispatched op; None for device tensors."""
+    if t.device.type != "cpu" or t.numel() == 0 or is_fake(t) or torch.compiler.is_compiling():
+        return None
+    values = t.detach().numpy()
+    return int(values.min()), int(values.max())
 
 
 def param_category(name: str) -> str:
@@ -204,21 +213,24 @@ class MIP(nn.Module):
     def _check_labels(self, images: Tensor, modality: Tensor, camera: Optional[Tensor]) -> None:
         """Clear errors for label tensors the indexing would otherwise fail on obscurely.
 
-        Value ranges are read only from CPU tensors: on a GPU the read would sync the device every step
-        (the training hot path), and an out-of-range index there still fails in the embedding lookup."""
+        Shapes are always checked. Value ranges are read only from CPU tensors, through NumPy (no
+        dispatched op, no device to wait for); device tensors are not read, because the forward must
+        not sync the GPU: the trainer and the evaluator check the host batch before moving it."""
         B = images.shape[0]
-        on_host = images.device.type == "cpu"
         if self.num_prompted and self.mpl is not None:
             if modality is None or modality.shape != (B,):
                 raise ValueError(f"modality must be a [B={B}] tensor of 0 (infrared) / 1 (visible)")
-            if on_host and B and (int(modality.min()) < 0 or int(modality.max()) > 1):
-                raise ValueError(f"modality values must be 0 (infrared) or 1 (visible); got {modality.tolist()}")
+            lo_hi = _host_range(modality)
+            if lo_hi is not None and (lo_hi[0] < 0 or lo_hi[1] > 1):
+                raise ValueError(f"modality values must be 0 (infrared) or 1 (visible); got min {lo_hi[0]}, "
+                                 f"max {lo_hi[1]}")
         if self.sie_embed is not None:
             if camera is None or camera.shape != (B,):
                 raise ValueError(f"camera must be a [B={B}] tensor of 0-based camera indices")
-            if on_host and B and (int(camera.min()) < 0 or int(camera.max()) >= self.num_cameras):
+            lo_hi = _host_range(camera)
+            if lo_hi is not None and (lo_hi[0] < 0 or lo_hi[1] >= self.num_cameras):
                 raise ValueError(f"camera indices must be 0-based in [0, {self.num_cameras}); "
-                                 f"got min {int(camera.min())}, max {int(camera.max())}")
+                                 f"got min {lo_hi[0]}, max {lo_hi[1]}")
 
     def embed(self, images: Tensor, camera: Optional[Tensor]) -> Tensor:
         """[B, 1 + Np, C]: CLS + patches, position embedding, SIE camera embedding x sie_coef."""
@@ -234,7 +246,6 @@ class MIP(nn.Module):
         self._check_labels(images, modality, camera)
         x = self.embed(images, camera)
         bank_all = self.mpl() if self.mpl is not None else None  # [2, L, Pm, C], once per step
-        concat = self._impl == "concat"
         inst_means: list[Tensor] = []
         for i, blk in enumerate(self.blocks):
             bank = inst = None
@@ -246,12 +257,7 @@ class MIP(nn.Module):
                 return _Trunk(x, bank, inst, inst_means)
             if inst is not None:
                 inst_means.append(inst.mean(dim=1))
-            if bank is None and inst is None:
-                x = blk(x)
-            elif concat:
-                x = blk.forward_concat(x, bank, modality, inst)
-            else:
-                x = blk.forward_prompted(x, bank, modality, inst, impl=self._impl, deterministic=self.deterministic)
+            x = blk(x, bank, modality, inst, impl=self._impl, deterministic=self.deterministic)
         return _Trunk(x, inst_means=inst_means)
 
     def _pool(self, tokens: Tensor) -> Tensor:

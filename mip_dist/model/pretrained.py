@@ -49,6 +49,16 @@ def _read_npz(path: str) -> dict[str, Tensor]:
     return vit.state_dict()
 
 
+def _load_torch_file(path: str) -> object:
+    """torch.load with weights_only=True (a downloaded file cannot run code); one-line error naming the file."""
+    from mip_dist.engine.checkpoint import CheckpointError, safe_torch_load
+
+    try:
+        return safe_torch_load(path, map_location="cpu")
+    except CheckpointError as exc:
+        raise ValueError(f"model.pretrained: {exc}") from exc
+
+
 def read_checkpoint(path: str) -> dict[str, Tensor]:
     """Raw timm-named state dict from a local file or "timm:<name>" (downloads through timm)."""
     if path.startswith("timm:"):
@@ -66,7 +76,7 @@ def read_checkpoint(path: str) -> dict[str, Tensor]:
 
         return _unwrap(load_file(path, device="cpu"), path)
     if suffix in (".pth", ".pt", ".bin"):
-        return _unwrap(torch.load(path, map_location="cpu", weights_only=True), path)
+        return _unwrap(_load_torch_file(path), path)
     raise ValueError(f"model.pretrained: {path} has unknown extension {suffix!r}; "
                      "use .pth/.pt/.bin, .safetensors, .npz or timm:<name>")
 
