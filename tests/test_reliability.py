@@ -119,5 +119,11 @@ def test_collective_timeout_defaults_per_device_and_reaches_the_process_group(mo
     env = {k: v for k, v in distributed.os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     monkeypatch.setattr(distributed.os, "environ", {**env, "OMP_NUM_THREADS": "1"})  # a single-process launch
+    from torch.distributed import distributed_c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):  # restored after the test
+        monkeypatch.setattr(distributed_c10d, name, getattr(distributed_c10d, name))
     distributed.init_distributed("cpu", timeout_s=17)
     assert seen["timeout"] == timedelta(seconds=17) and seen["dist_backend"] == "gloo"
+    # groups DeepSpeed creates later (data parallel) get it too, not torch's 30-minute default
+    assert distributed_c10d._get_default_timeout("gloo") == timedelta(seconds=17)

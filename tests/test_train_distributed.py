@@ -4,6 +4,7 @@ on one node and as a 2-node x 1-process job on loopback, and a SIGKILLed run res
 Every run trains the same tiny model on the same synthetic shards for 6 steps (2 epochs, MSEL on from
 epoch 1), logging every step, so the per-step losses in metrics.jsonl must agree across all of them.
 """
+import contextlib
 import json
 import os
 import signal
@@ -197,3 +198,37 @@ def test_sigkill_then_resume_auto_repeats_the_uninterrupted_run(setup, zero_runs
     assert len(resumed) == STEPS
     assert resumed == pytest.approx(losses(zero_runs[2]), rel=1e-6, abs=1e-7)
     assert (run_dir / "FINISHED").is_file()
+
+
+def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(setup):
+    """SIGSTOP one rank mid-training: the other rank's next collective fails after
+    train.collective_timeout_s (here 10 s) and the launcher ends the job, instead of blocking for good."""
+    root, base = setup
+    run_dir = root / "runs" / "hung"
+    args = base + ["train.run_name=hung", "train.epochs=50", "train.collective_timeout_s=10"]
+    proc = subprocess.Popen(deepspeed_cmd(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + TIMEOUT
+    stopped = None
+    try:
+        while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.05)
+        ranks = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "local_rank=1"], capture_output=True,
+                               text=True).stdout.split()
+        assert ranks, "rank 1 not found"
+        stopped = int(ranks[0])
+        os.kill(stopped, signal.SIGSTOP)
+        t0 = time.time()
+        out = proc.communicate(timeout=180)[0]
+        waited = time.time() - t0
+    finally:
+        if stopped is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode != 0 and not (run_dir / "FINISHED").exists()
+    assert 8 <= waited <= 120, waited  # the 10 s timeout, not DeepSpeed's default 10 minutes
+    assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]

@@ -75,6 +75,16 @@ def collective_timeout(seconds: float, device: torch.device) -> timedelta:
     return timedelta(seconds=seconds if seconds > 0 else DEFAULT_COLLECTIVE_TIMEOUT_S.get(device.type, 600.0))
 
 
+def _default_group_timeout(timeout: timedelta) -> None:
+    """Make `timeout` the default of every process group created later: torch gives a `new_group`
+    without an explicit timeout its module default (30 min gloo, 10 min nccl), not the world group's,
+    and DeepSpeed creates its data-parallel groups that way (a hung rank would block them for good)."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+
+
 def init_distributed(device_preference: str = "auto", local_rank_arg: int = -1,
                      timeout_s: float = 0.0) -> DistEnv:
     """Start the process group through DeepSpeed: nccl on GPUs, gloo on CPUs; collectives time out
@@ -92,8 +102,9 @@ def init_distributed(device_preference: str = "auto", local_rank_arg: int = -1,
         local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   timeout=collective_timeout(timeout_s, device))
+        timeout = collective_timeout(timeout_s, device)
+        _default_group_timeout(timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     log.info("rank %d/%d (local %d) on %s, backend %s, master %s:%s",
              rank, world, local, device, backend, env["MASTER_ADDR"], env["MASTER_PORT"])
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
