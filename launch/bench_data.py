@@ -10,6 +10,11 @@ machine may be shared. The first batch of every run (worker start, buffer fill) 
 
     python launch/bench_data.py                 # 1 and 2 workers, 256x128, batch 64
     python launch/bench_data.py --workers 1 2 4 --batches 40
+    python launch/bench_data.py --scale         # PK batch quality vs number of identities (no images)
+
+`--scale` drives the stream's own PK buffer and batcher with metadata-only samples (10 visible + 10
+infrared per identity, 8 x (4 + 4) batches, 2,000-sample buffer) over the two training layouts a shard
+writer can produce: globally shuffled (index version 1) and identity chunks (version 2).
 """
 from __future__ import annotations
 
@@ -61,6 +66,25 @@ def timed(batches: Iterable, n: int, batch_size: int) -> float:
     return n * batch_size / (time.perf_counter() - start)
 
 
+def run_scale(ids_list: list[int], batches: int) -> int:
+    """Print the PK batch-quality table for each identity count and layout, side by side."""
+    from mip_dist.data.pk_sim import simulate
+
+    print("identities  layout     K  dup/batch  short ids   ids seen  read/batch  unused  ms/batch  batches")
+    for ids in ids_list:
+        n = batches or (0 if ids <= 5000 else 2000)
+        runs = [("shuffled", 4, 4), ("chunks", 4, 4)] + ([("chunks", 8, 4)] if ids == ids_list[0] else [])
+        for layout, k, chunk_k in runs:
+            st = simulate(ids, 10, layout=layout, k=k, chunk_k=chunk_k, batches=n, num_ids=64 // (2 * k))
+            print(f"{ids:>10}  {layout:<9} {k:>2}  {st.duplicate_fraction:>8.1%}  {st.short_identity_fraction:>9.1%}"
+                  f"  {st.identities_covered:>9.1%}  {st.samples_read_per_batch:>10.1f}  {st.unused_read_fraction:>6.1%}"
+                  f"  {st.ms_per_batch:>8.2f}  {st.batches:>7}")
+    print("(one epoch = all images / 64 up to 5,000 identities, else a 2,000-batch window, so 'ids seen' is not an "
+          "epoch's coverage there; K 8 on chunks of 4: a run whose data.num_instances exceeds the shards' "
+          "--chunk-instances)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Generate/shard if needed, run the interleaved measurements, print the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=20, help="timed batches per run")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--scale", action="store_true", help="simulate PK batch quality at many identity counts")
+    p.add_argument("--scale-ids", type=int, nargs="+", default=[400, 5000, 50000])
+    p.add_argument("--scale-batches", type=int, default=0,
+                   help="batches per simulation (0: one epoch up to 5,000 identities, 2,000 batches above)")
     args = p.parse_args(argv)
+    if args.scale:
+        return run_scale(args.scale_ids, args.scale_batches)
     torch.set_num_threads(1)
     work = Path(args.work)
     size = (args.img_size[0], args.img_size[1])

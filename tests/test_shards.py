@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mip_dist.data.grouping import image_key
 from mip_dist.data.layouts import read_dataset, relative_path
 from mip_dist.data.shards import ShardError, check_regdb_split, read_index, sample_key, write_shards
 from test_data_layouts import make_regdb, make_sysu
 
 INDEX_KEYS = {"version", "dataset", "regdb_split", "counts", "identity_map", "num_classes", "num_cameras",
-              "shards", "test_records", "skipped", "fingerprint"}
+              "shards", "test_records", "skipped", "fingerprint", "train_layout"}
 
 
 def _read_tars(out: Path, index: dict) -> dict[str, dict]:
@@ -32,6 +33,17 @@ def _read_tars(out: Path, index: dict) -> dict[str, dict]:
     return samples
 
 
+def _originals(samples: dict[str, dict]) -> dict[str, dict]:
+    """The samples without chunk padding, after checking each padding copy (key~n) repeats its image."""
+    repeats = {k: v for k, v in samples.items() if k != image_key(k)}
+    for k, v in repeats.items():
+        original = samples[image_key(k)]
+        assert {e: b for e, b in v.items() if e not in ("json", "shard")} == \
+            {e: b for e, b in original.items() if e not in ("json", "shard")}
+        assert v["json"] == {**original["json"], "key": k}
+    return {k: v for k, v in samples.items() if k not in repeats}
+
+
 def _noisy_sysu(root: Path) -> Path:
     """SYSU tree whose images differ (so byte identity is meaningful), 6 train ids, 2 test ids."""
     make_sysu(root, train=(1, 2, 3, 4), val=(5, 6), test=(7, 8), per_cam=2)
@@ -44,11 +56,14 @@ def _noisy_sysu(root: Path) -> Path:
 def test_sysu_round_trip_every_record_once_bytes_identical(tmp_path):
     root = _noisy_sysu(tmp_path / "sysu")
     out = tmp_path / "shards"
-    index = write_shards("sysu", str(root), str(out), max_shard_samples=7, workers=2, progress=False)
-    assert set(index) == INDEX_KEYS and index["version"] == 1 and index["regdb_split"] is None
+    index = write_shards("sysu", str(root), str(out), max_shard_samples=7, workers=2, progress=False,
+                         chunk_instances=2)
+    assert set(index) == INDEX_KEYS and index["version"] == 2 and index["regdb_split"] is None
+    assert index["train_layout"] == {"kind": "identity_chunks", "chunk_instances": 2}
     records = read_dataset("sysu", str(root))
     samples = _read_tars(out, index)
-    assert len(samples) == len(records)  # every record exactly once
+    samples = _originals(samples)
+    assert len(samples) == len(records)  # every record once, plus padding copies of training images
     train_pids = sorted({r.pid for r in records if r.split == "train"})
     assert index["identity_map"] == {str(p): i for i, p in enumerate(train_pids)}
     assert index["num_classes"] == 6 and index["num_cameras"] == 6
@@ -71,9 +86,9 @@ def test_sysu_round_trip_every_record_once_bytes_identical(tmp_path):
     # training order is shuffled (not the reader's order) but seeded
     train_keys = [k for s in index["shards"] if s["split"] == "train" for k in _tar_keys(out / s["name"])]
     reader_order = [sample_key(relative_path(r, str(root))) for r in records if r.split == "train"]
-    assert sorted(train_keys) == sorted(reader_order) and train_keys != reader_order
+    assert sorted({image_key(k) for k in train_keys}) == sorted(reader_order) and train_keys != reader_order
     other = write_shards("sysu", str(root), str(tmp_path / "seed1"), max_shard_samples=7, seed=1, workers=1,
-                         progress=False)
+                         progress=False, chunk_instances=2)
     assert [k for s in other["shards"] if s["split"] == "train" for k in _tar_keys(tmp_path / "seed1" / s["name"])] \
         != train_keys
 
@@ -90,9 +105,9 @@ def test_regdb_bmp_round_trip_and_size_bound(tmp_path):
     out = tmp_path / "shards"
     bound = 40_000
     index = write_shards("regdb", str(root), str(out), regdb_split=2, max_shard_bytes=bound, workers=1,
-                         progress=False)
+                         progress=False, chunk_instances=1)  # chunks of 2 images (12 kB) fit the bound
     assert index["regdb_split"] == 2 and index["num_cameras"] == 2
-    samples = _read_tars(out, index)
+    samples = _originals(_read_tars(out, index))
     records = read_dataset("regdb", str(root), 2)
     assert len(samples) == len(records)
     for r in records:
@@ -133,7 +148,7 @@ def test_undecodable_images_are_reported_and_excluded(tmp_path, caplog):
     assert sorted(s["path"] for s in index["skipped"]) == ["cam2/0003/0001.jpg", "cam6/0008/0002.jpg"]
     assert all(s["reason"] for s in index["skipped"])
     assert "cam2/0003/0001.jpg" in caplog.text
-    samples = _read_tars(tmp_path / "out", index)
+    samples = _originals(_read_tars(tmp_path / "out", index))
     assert sample_key("cam2/0003/0001.jpg") not in samples and len(samples) == 8 * 12 - 2
     assert index["counts"]["test"]["total"] == 23
     assert "cam6_0008_0002" not in {t["key"] for t in index["test_records"]}
@@ -162,3 +177,29 @@ def test_make_shards_cli_generates_synthetic_and_shards(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "24 train images (4 identities)" in out and "12 test images" in out
     assert read_index(str(tmp_path / "sh"))["dataset"] == "synthetic"
+
+
+def test_training_shards_hold_identity_chunks(tmp_path):
+    """Every training shard is a run of chunks of K visible then K infrared images of one identity,
+    distinct within the chunk; shards are cut between chunks; index.json counts each shard's identities."""
+    root = _noisy_sysu(tmp_path / "sysu")
+    out = tmp_path / "shards"
+    k = 2
+    index = write_shards("sysu", str(root), str(out), max_shard_samples=9, workers=1, progress=False,
+                         chunk_instances=k)
+    labels_seen = set()
+    for shard in (s for s in index["shards"] if s["split"] == "train"):
+        samples = _read_tars(out, {"shards": [shard]})
+        metas = [samples[key]["json"] for key in _tar_keys(out / shard["name"])]
+        assert len(metas) % (2 * k) == 0 and len(metas) <= 8  # whole chunks only, under the bound of 9
+        counted: dict[str, list[int]] = {}
+        for c in range(0, len(metas), 2 * k):
+            chunk = metas[c:c + 2 * k]
+            assert len({m["label"] for m in chunk}) == 1
+            assert [m["modality"] for m in chunk] == [1] * k + [0] * k  # visible first, then infrared
+            assert len({image_key(m["key"]) for m in chunk}) == 2 * k  # distinct images within a chunk
+            labels_seen.add(chunk[0]["label"])
+            for m in chunk:
+                counted.setdefault(str(m["label"]), [0, 0])[m["modality"]] += 1
+        assert shard["identities"] == counted
+    assert labels_seen == set(range(index["num_classes"]))

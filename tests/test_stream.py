@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mip_dist.config import DataConfig
+from mip_dist.data.grouping import image_key
 from mip_dist.data.records import INFRARED, VISIBLE
 from mip_dist.data.shards import read_index, shard_urls, write_shards
 from mip_dist.data.stream import (DataError, build_test_loader, build_train_stream, iter_slot_samples,
@@ -31,7 +32,8 @@ def shards(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("stream")
     root = generate_synthetic(str(base / "syn"), num_train_ids=12, num_test_ids=4, images_per_camera=3,
                               img_size=(64, 32), seed=1, workers=2)
-    write_shards("synthetic", str(root), str(base / "shards"), max_shard_samples=37, workers=2, progress=False)
+    write_shards("synthetic", str(root), str(base / "shards"), max_shard_samples=41, workers=2, progress=False,
+                 chunk_instances=K)  # identity chunks of 2K samples: shards of 40, the last one shorter
     return base / "shards"
 
 
@@ -98,7 +100,9 @@ def test_one_non_resampled_pass_reads_every_sample_once_across_ranks(shards):
             all_keys += [s.key for s in iter_slot_samples(urls, seed=5, epoch=2, rank=rank, world_size=2,
                                                           worker=worker, num_workers=2)]
     counts = collections.Counter(all_keys)
-    assert len(counts) == 216 and set(counts.values()) == {1}
+    listed = sum(s["count"] for s in read_index(str(shards))["shards"] if s["split"] == "train")
+    assert len(counts) == listed and set(counts.values()) == {1}  # every sample (padding copies too) once
+    assert len({image_key(k) for k in counts}) == 216  # every image
     # fewer shards than slots: every slot still gets a shard, every shard is read
     few = urls[:3]
     dealt = [slot_shards(few, seed=5, epoch=0, pass_index=0, rank=r, world_size=2, worker=w, num_workers=2)
@@ -257,7 +261,8 @@ def test_local_brace_pattern_uses_the_index_beside_it(shards):
     stream = build_train_stream(cfg("", train_urls=str(shards / "train-{000000..000001}.tar")), seed=0, rank=0,
                                 world_size=1)
     assert len(stream.spec.urls) == 2 and stream.num_classes == 12
-    assert stream.steps_per_epoch == (37 + 37) // B  # the two selected shards, not the whole set
+    images = [s["images"] for s in read_index(str(shards))["shards"] if s["split"] == "train"][:2]
+    assert stream.steps_per_epoch == sum(images) // B  # the two selected shards' images, not the whole set
     assert len(_batches(stream, 2)) == 2
 
 

@@ -32,7 +32,8 @@ def synthetic_shards_ready(data_cfg: DataConfig) -> bool:
     if not data_cfg.root or not data_cfg.shards or not is_up_to_date(data_cfg.root, **_generator_args(data_cfg)):
         return False
     try:
-        index = shards_up_to_date("synthetic", data_cfg.root, data_cfg.shards, seed=data_cfg.synthetic_seed)
+        index = shards_up_to_date("synthetic", data_cfg.root, data_cfg.shards, seed=data_cfg.synthetic_seed,
+                                  chunk_instances=data_cfg.num_instances)
     except (DatasetError, ShardError, OSError):  # the tree is being replaced right now
         return False
     return index is not None and index.get("dataset") == "synthetic"
@@ -94,6 +95,6 @@ def ensure_synthetic_shards(data_cfg: DataConfig, *, workers: int | None = None,
     workers = workers or max(1, min(len(os.sched_getaffinity(0)), 8))
     generate_synthetic(data_cfg.root, **_generator_args(data_cfg), workers=workers)
     index = write_shards("synthetic", data_cfg.root, data_cfg.shards, workers=workers, seed=data_cfg.synthetic_seed,
-                         progress=progress)
+                         progress=progress, chunk_instances=data_cfg.num_instances)
     log.info("synthetic shards ready at %s", data_cfg.shards)
     return index

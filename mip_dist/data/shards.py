@@ -31,12 +31,15 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from mip_dist.data.grouping import REPEAT_MARK, identity_chunks
 from mip_dist.data.layouts import read_dataset, relative_path
 from mip_dist.data.records import MODALITY_NAMES, Record
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: training samples in identity chunks; 1 (globally shuffled) is still read
+READABLE_VERSIONS = (1, 2)
+DEFAULT_CHUNK_INSTANCES = 4  # K of the paper's PK batches
 INDEX_NAME = "index.json"
 SHARD_PATTERN = re.compile(r"^(train|test)-(\d{6})\.tar$")
 DEFAULT_MAX_SHARD_BYTES = 64 * 1024 * 1024
@@ -46,7 +49,8 @@ TAR_RECORD = 10240  # tar files end padded to a multiple of this
 KEY_HASH_CHARS = 10  # hex digits of the path hash that tells apart keys whose names sanitise alike
 SAFE_STEM = re.compile(r"^[A-Za-z0-9_/-]+$")  # stems that sanitise without losing a character (besides '/')
 INDEX_KEYS = ("version", "dataset", "regdb_split", "counts", "identity_map", "num_classes", "num_cameras",
-              "shards", "test_records", "skipped", "fingerprint")
+              "shards", "test_records", "skipped", "fingerprint", "train_layout")
+NEW_IN_V2 = ("train_layout",)  # absent from version-1 indexes, which are still read
 
 
 class ShardError(ValueError):
@@ -175,11 +179,21 @@ def _counts(records: Iterable[Record]) -> dict:
             "by_camera": {str(c): by_cam[c] for c in sorted(by_cam)}}
 
 
-def _pack(items: list[_Item], sizes: list[int], max_bytes: int, max_samples: int) -> list[list[_Item]]:
-    """Cut an ordered item list into consecutive groups under both bounds (at least one item each).
+def _pack(items: list[_Item], sizes: list[int], max_bytes: int, max_samples: int,
+          cut_ok: Optional[list[bool]] = None) -> list[list[_Item]]:
+    """Cut an ordered item list into consecutive groups under both bounds (at least one unit each),
+    cutting only before items marked in `cut_ok` (the first item of an identity chunk).
 
     The byte bound counts tar headers and block padding exactly; the file is then padded to tar's
-    10 KiB record, so a shard is at most max_bytes rounded up to a multiple of 10 KiB."""
+    10 KiB record, so a shard is at most max_bytes rounded up to a multiple of 10 KiB (a single chunk
+    larger than the bounds gets a shard of its own)."""
+    cut_ok = cut_ok if cut_ok is not None else [True] * len(items)
+    units: list[tuple[list[_Item], list[int]]] = []
+    for item, size, ok in zip(items, sizes, cut_ok):
+        if ok or not units:
+            units.append(([], []))
+        units[-1][0].append(item)
+        units[-1][1].append(size)
     groups: list[list[_Item]] = []
     cur: list[_Item] = []
     cur_bytes = 0
@@ -187,14 +201,14 @@ def _pack(items: list[_Item], sizes: list[int], max_bytes: int, max_samples: int
         header = TAR_BLOCK if len(name) < 100 else 3 * TAR_BLOCK + len(name) // TAR_BLOCK * TAR_BLOCK
         return header + (n + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
 
-    for item, size in zip(items, sizes):
-        key = item.meta["key"]
-        need = (member(size, f"{key}.{item.ext}")
-                + member(len(json.dumps(item.meta, sort_keys=True).encode()), f"{key}.json"))
-        if cur and (cur_bytes + need + 2 * TAR_BLOCK > max_bytes or len(cur) >= max_samples):
+    for unit, unit_sizes in units:
+        need = sum(member(size, f"{it.meta['key']}.{it.ext}")
+                   + member(len(json.dumps(it.meta, sort_keys=True).encode()), f"{it.meta['key']}.json")
+                   for it, size in zip(unit, unit_sizes))
+        if cur and (cur_bytes + need + 2 * TAR_BLOCK > max_bytes or len(cur) + len(unit) > max_samples):
             groups.append(cur)
             cur, cur_bytes = [], 0
-        cur.append(item)
+        cur.extend(unit)
         cur_bytes += need
     if cur:
         groups.append(cur)
@@ -204,31 +218,39 @@ def _pack(items: list[_Item], sizes: list[int], max_bytes: int, max_samples: int
 # ----------------------------------------------------------------------------------- writer
 
 
-def _params(dataset: str, regdb_split: int, seed: int, max_shard_bytes: int, max_shard_samples: int) -> dict:
+def _params(dataset: str, regdb_split: int, seed: int, max_shard_bytes: int, max_shard_samples: int,
+            chunk_instances: int = DEFAULT_CHUNK_INSTANCES) -> dict:
     """The settings that, with the input files, determine the shard bytes (part of the fingerprint)."""
     if max_shard_bytes < 1 or max_shard_samples < 1:
         raise ShardError(f"max_shard_bytes ({max_shard_bytes}) and max_shard_samples "
                          f"({max_shard_samples}) must be positive")
+    if chunk_instances < 1:
+        raise ShardError(f"chunk_instances ({chunk_instances}) must be >= 1")
     return {"regdb_split": regdb_split if dataset == "regdb" else None, "seed": seed,
-            "max_shard_bytes": max_shard_bytes, "max_shard_samples": max_shard_samples}
+            "max_shard_bytes": max_shard_bytes, "max_shard_samples": max_shard_samples,
+            "chunk_instances": chunk_instances}
 
 
 def shards_up_to_date(dataset: str, root: str, out: str, *, regdb_split: int = 1,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                      max_shard_samples: int = DEFAULT_MAX_SHARD_SAMPLES, seed: int = 0) -> Optional[dict]:
+                      max_shard_samples: int = DEFAULT_MAX_SHARD_SAMPLES, seed: int = 0,
+                      chunk_instances: int = DEFAULT_CHUNK_INSTANCES) -> Optional[dict]:
     """The index in `out` if write_shards with these arguments would leave it as it is, else None."""
-    params = _params(dataset, regdb_split, seed, max_shard_bytes, max_shard_samples)
+    params = _params(dataset, regdb_split, seed, max_shard_bytes, max_shard_samples, chunk_instances)
     return _up_to_date(Path(out), fingerprint(dataset, root, read_dataset(dataset, root, regdb_split), params))
 
 
 def write_shards(dataset: str, root: str, out: str, *, regdb_split: int = 1,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                  max_shard_samples: int = DEFAULT_MAX_SHARD_SAMPLES, workers: int = 2, seed: int = 0,
-                 progress: bool = True, overwrite: bool = False, replace_outdated: bool = True) -> dict:
+                 progress: bool = True, overwrite: bool = False, replace_outdated: bool = True,
+                 chunk_instances: int = DEFAULT_CHUNK_INSTANCES) -> dict:
     """Shard dataset `dataset` at `root` into `out`; returns the index (also written as index.json).
+    Training samples are written in identity chunks of `chunk_instances` visible + infrared images
+    (mip_dist/data/grouping.py), shards cut only between chunks.
     What `out` may already hold is decided by check_output_folder; the write goes to a temporary sibling
     folder swapped in when complete, so an interrupted write leaves the old shards as they were."""
-    params = _params(dataset, regdb_split, seed, max_shard_bytes, max_shard_samples)
+    params = _params(dataset, regdb_split, seed, max_shard_bytes, max_shard_samples, chunk_instances)
     records = read_dataset(dataset, root, regdb_split)
     fp = fingerprint(dataset, root, records, params)
     out_dir = Path(out)
@@ -412,6 +434,21 @@ def _check_all(records: list[Record], pool: Optional[ProcessPoolExecutor], progr
     return results
 
 
+def _repeat_of(item: _Item, repeat: int) -> _Item:
+    """The item itself, or its n-th extra copy (padding of an identity chunk) under key `key~n`."""
+    if repeat == 0:
+        return item
+    return _Item(item.src, item.ext, {**item.meta, "key": f"{item.meta['key']}{REPEAT_MARK}{repeat}"})
+
+
+def _identities(items: list[_Item]) -> dict[str, list[int]]:
+    """Per training label in a shard: [infrared, visible] sample counts (what a reader can plan with)."""
+    counts: dict[str, list[int]] = {}
+    for it in items:
+        counts.setdefault(str(it.meta["label"]), [0, 0])[it.meta["modality"]] += 1
+    return counts
+
+
 def _plan_and_write(dataset: str, root: str, out_dir: Path, kept: list[Record], keys: dict[str, str],
                     params: dict, seed: int, pool: Optional[ProcessPoolExecutor], progress: bool) -> dict:
     """Labels, keys, shuffled train order, shard groups; write the tars; the index without skipped."""
@@ -433,13 +470,16 @@ def _plan_and_write(dataset: str, root: str, out_dir: Path, kept: list[Record], 
                                                  "modality": r.modality, "path": rel, "key": key})
 
     test_items = [item(r) for r in test]
-    train_items = [item(r) for r in train]
-    order = np.random.default_rng([seed, 4242]).permutation(len(train_items))
-    train_items = [train_items[i] for i in order]
+    base_items = [item(r) for r in train]
+    chunks = identity_chunks([it.meta["label"] for it in base_items], [it.meta["modality"] for it in base_items],
+                             params["chunk_instances"], seed)
+    train_items = [_repeat_of(base_items[slot.item], slot.repeat) for chunk in chunks for slot in chunk]
+    starts = [j == 0 for chunk in chunks for j in range(len(chunk))]
     groups: list[tuple[str, str, list[_Item]]] = []
-    for split, items in (("train", train_items), ("test", test_items)):
+    for split, items, cut_ok in (("train", train_items, starts), ("test", test_items, [True] * len(test_items))):
         sizes = [os.path.getsize(it.src) for it in items]
-        for i, grp in enumerate(_pack(items, sizes, params["max_shard_bytes"], params["max_shard_samples"])):
+        packed = _pack(items, sizes, params["max_shard_bytes"], params["max_shard_samples"], cut_ok)
+        for i, grp in enumerate(packed):
             groups.append((split, f"{split}-{i:06d}.tar", grp))
 
     results: dict[str, tuple[str, int, str, int]] = {}
@@ -455,9 +495,13 @@ def _plan_and_write(dataset: str, root: str, out_dir: Path, kept: list[Record], 
             bar.update(results[name][1])
     bar.close()
     shards = [{"name": name, "split": split, "count": results[name][1], "sha256": results[name][2],
-               "bytes": results[name][3]} for split, name, _ in groups]
+               "bytes": results[name][3],
+               **({"images": sum(REPEAT_MARK not in it.meta["key"] for it in grp), "identities": _identities(grp)}
+                  if split == "train" else {})}
+              for split, name, grp in groups]
     return {
         "version": INDEX_VERSION, "dataset": dataset, "regdb_split": params["regdb_split"],
+        "train_layout": {"kind": "identity_chunks", "chunk_instances": params["chunk_instances"]},
         "counts": {"train": _counts(train), "test": _counts(test)},
         "identity_map": {str(p): l for p, l in identity_map.items()},
         "num_classes": len(identity_map), "num_cameras": max(r.camera for r in kept),
@@ -502,11 +546,11 @@ def read_index(shards_dir: str) -> dict:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ShardError(f"{path}: not valid JSON ({exc})") from exc
-    missing = [k for k in INDEX_KEYS if k not in index]
+    missing = [k for k in INDEX_KEYS if k not in index and not (k in NEW_IN_V2 and index.get("version") == 1)]
     if missing:
         raise ShardError(f"{path}: missing keys {missing}")
-    if index["version"] != INDEX_VERSION:
-        raise ShardError(f"{path}: version {index['version']} is not supported (expected {INDEX_VERSION})")
+    if index["version"] not in READABLE_VERSIONS:
+        raise ShardError(f"{path}: version {index['version']} is not supported (expected one of {READABLE_VERSIONS})")
     for s in index["shards"]:
         if not (Path(shards_dir) / s["name"]).is_file():
             raise ShardError(f"{path}: lists shard {s['name']}, which is missing from {shards_dir}")

@@ -35,6 +35,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mip_dist.config import DataConfig
+from mip_dist.data.grouping import image_key
 from mip_dist.data.records import INFRARED, VISIBLE
 from mip_dist.data.shards import INDEX_NAME, ShardError, check_split_keys, read_index, shard_urls
 from mip_dist.data.transforms import IMAGE_EXTS, RandomChannel, decode_rgb, eval_transform, train_transform
@@ -124,7 +125,8 @@ def resolve_train_urls(data_cfg: DataConfig) -> tuple[list[str], Optional[dict],
     check_urls(urls, data_cfg.allow_pipe, key)
     counts = None
     if index is not None:
-        by_name = {s["name"]: s["count"] for s in index["shards"] if s["split"] == "train"}
+        # images, not samples: chunk padding repeats some images, and an epoch covers each image once
+        by_name = {s["name"]: s.get("images", s["count"]) for s in index["shards"] if s["split"] == "train"}
         counts = {u: by_name[Path(urlparse(u).path).name] for u in urls
                   if Path(urlparse(u).path).name in by_name}
     return urls, index, counts
@@ -328,19 +330,29 @@ class PKBuffer:
         """Drop the oldest sample (makes room when no identity has both modalities)."""
         return self._remove(next(iter(self._items)))
 
-    def pick_identity(self, exclude: set[int]) -> Optional[int]:
-        """An identity with both modalities buffered, chosen with probability ~ its buffered count."""
-        labels = sorted(l for l, (ir, vis) in self._by_id.items() if ir and vis and l not in exclude)
+    def pick_identity(self, exclude: set[int], k: int = 1) -> Optional[int]:
+        """An identity with both modalities buffered, chosen with probability ~ its buffered count;
+        identities with k of each buffered first (a complete chunk gives k distinct images of each)."""
+        both = [l for l, (ir, vis) in self._by_id.items() if ir and vis and l not in exclude]
+        full = [l for l in both if len(self._by_id[l][0]) >= k and len(self._by_id[l][1]) >= k]
+        labels = sorted(full or both)
         if not labels:
             return None
         weights = np.array([len(self._by_id[l][0]) + len(self._by_id[l][1]) for l in labels], np.float64)
         return labels[int(self.rng.choice(len(labels), p=weights / weights.sum()))]
 
     def take(self, label: int, modality: int, k: int) -> list[RawSample]:
-        """Up to k distinct samples of (label, modality), removed from the buffer."""
+        """Up to k samples of (label, modality), removed from the buffer: distinct images first (a
+        padding copy written to complete a chunk shares its image's key before REPEAT_MARK)."""
         seqs = self._by_id[label][modality]
-        n = min(k, len(seqs))
-        chosen = [seqs[i] for i in sorted(self.rng.choice(len(seqs), size=n, replace=False))]
+        picks = [seqs[i] for i in self.rng.permutation(len(seqs))]
+        images: set[str] = set()
+        first, rest = [], []
+        for q in picks:
+            image = image_key(self._items[q].key)
+            (rest if image in images else first).append(q)
+            images.add(image)
+        chosen = sorted((first + rest)[:k])
         return [self._remove(q) for q in chosen]
 
     def num_identities_with_both(self) -> int:
@@ -359,7 +371,7 @@ def form_pk_batch(buf: PKBuffer, source: Iterator[RawSample], num_ids: int, k: i
     while len(chosen) < num_ids:
         while not buf.full:
             buf.add(next(source))
-        label = buf.pick_identity({c[0] for c in chosen})
+        label = buf.pick_identity({c[0] for c in chosen}, k)
         if label is None:
             if stall_passes() - start_passes >= 2:
                 raise DataError(f"{where}: cannot form a batch of {num_ids} identities with both modalities "
@@ -542,6 +554,21 @@ class TrainStream:
         self.error_count = int(state.get("error_count", 0))
 
 
+def _warn_about_layout(index: Optional[dict], k: int, rank: int) -> None:
+    """Say when the shards' training layout costs batch quality: globally shuffled (version 1) shards,
+    or identity chunks smaller than data.num_instances (an identity then needs two chunks buffered)."""
+    if index is None or rank != 0:
+        return
+    layout = index.get("train_layout")
+    if layout is None:
+        log.warning("these shards hold training samples globally shuffled (index version 1): PK batches may "
+                    "repeat images; rewrite them with launch/make_shards.py --overwrite for identity chunks")
+    elif layout.get("chunk_instances", k) < k:
+        log.warning("the shards' identity chunks hold %d images per modality, data.num_instances=%d: an "
+                    "identity needs two chunks in the buffer, so some batches repeat images; rewrite the shards "
+                    "with make_shards.py --chunk-instances %d", layout["chunk_instances"], k, k)
+
+
 def _listed_sizes(urls: list[str], index: Optional[dict]) -> tuple[tuple[str, int], ...]:
     """(url, bytes) for the train shards index.json lists with a size."""
     if index is None:
@@ -565,6 +592,7 @@ def build_train_stream(data_cfg: DataConfig, *, seed: int, rank: int, world_size
     else:
         raise DataError("data.steps_per_epoch must be set when data.train_urls has no index.json beside it")
     num_ids = data_cfg.num_identities
+    _warn_about_layout(index, data_cfg.num_instances, rank)
     if index is not None and index["num_classes"] < num_ids:
         raise DataError(f"data.batch_size={b} needs {num_ids} identities per batch, but the training set "
                         f"has only {index['num_classes']}")
