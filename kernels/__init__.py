@@ -128,7 +128,12 @@ def prompt_attention(
     impl: Impl = "auto",
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """o = softmax(q [bank[bank_index] | inst | seq]^T * scale) [...]; see ARCHITECTURE.md for shapes.
+    """o = softmax(q [bank[bank_index] | inst | seq]^T * scale) [bank[bank_index] | inst | seq]: prompted attention.
+
+    Shapes: q [Bq, H, N, D] with Bq = 1 or B; k, v [B, H, S, D] (the token sequence); bank_k, bank_v
+    [M, H, Pm, D] (modality prompt bank; bank_index [B] int picks each sample's entry, optional
+    when M = 1); inst_k, inst_v [B, H, Pi, D] (instance prompts); result [B, H, N, D]. Keys and
+    values are the concatenation along the key axis, bank first; scale defaults to D ** -0.5.
 
     impl: "auto" (Triton on CUDA, or on CPU under TRITON_INTERPRET=1, when dtype/head dim are
     supported; else PyTorch), "triton" (forced; ValueError if it cannot run), "torch".

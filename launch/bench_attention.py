@@ -1,23 +1,34 @@
 """Benchmark the fused prompt attention against concat + SDPA (each backend), FlexAttention and PyTorch.
 
-GPU: forward, backward and forward+backward time (triton.testing.do_bench, median), TFLOP/s,
-effective GB/s and the HBM bound (bytes of inputs and outputs moved once / peak bandwidth) per row;
-prints a table and writes JSON (--out). CPU: runs the Triton-interpreter correctness smoke instead
-(small shapes vs the fp64 reference) and says that timings need a GPU.
+GPU: every implementation's output and all 7 gradients are checked against the fp32 reference
+first (a wrong one is not timed); then forward, backward and forward+backward time
+(triton.testing.do_bench, median), TFLOP/s, effective GB/s and the HBM bound (ideal bytes: every
+input and output moved once, forward plus backward for fwd+bwd; peak bandwidth from the GPU's name,
+or a measured device copy) per row, at the paper block shapes and the IPG shape; prints a table and
+writes JSON (--out). CPU: runs the Triton-interpreter correctness smoke instead (small shapes vs the
+fp64 reference) and says that timings need a GPU.
 
     python launch/bench_attention.py --out bench_attention.json
+    python launch/bench_attention.py --analytic         # counted HBM bytes per design vs ideal (no GPU)
+    python launch/bench_attention.py --host-overhead    # Python launch time, kernels stubbed (no GPU)
+    python launch/bench_attention.py --host-overhead --baseline-kernel-file /tmp/old_kernels.py  # before/after
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import importlib.util
 import json
 import os
 import platform
 import sys
+import time
 import traceback
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Optional
+from unittest import mock
 
 import torch
 
@@ -28,6 +39,12 @@ from mip_dist.kernels.reference import gather_keys  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "bwd", "fwd+bwd")
+GRADS = ("q", "k", "v", "bank_k", "bank_v", "inst_k", "inst_v")
+# HBM bytes/s by GPU name (first match wins; most specific first); otherwise a measured device copy
+PEAK_BW = (("H200", 4.8e12), ("GH200", 4.0e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
+           ("H800", 3.35e12), ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12),
+           ("L40S", 0.864e12), ("L4", 0.3e12), ("A10", 0.6e12), ("B200", 8.0e12))
+GRAD_TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-3}  # max |err| / max |ref|
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -39,82 +56,260 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--bank-len", type=int, default=16, help="Pm, modality prompts per entry")
     p.add_argument("--bank-entries", type=int, default=2, help="M (infrared, visible)")
     p.add_argument("--inst-len", type=int, default=16, help="Pi, instance prompts per sample")
+    p.add_argument("--ipg-queries", type=int, default=16, help="IPG rows: broadcast queries (0: no IPG rows)")
+    p.add_argument("--ipg-keys", type=int, default=210, help="IPG sequence keys (patches)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--peak-bw", type=float, default=3.35e12, help="HBM bytes/s for the bound (H100 SXM: 3.35e12)")
+    p.add_argument("--peak-bw", type=float, default=None,
+                   help="HBM bytes/s for the bound (default: from the GPU name, else a measured copy)")
     p.add_argument("--impls", nargs="+", default=None, help="subset of implementations to run (default: all)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time (ms)")
+    p.add_argument("--analytic", action="store_true", help="print counted HBM bytes per design vs ideal, exit")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="time the Python launch path with the kernels stubbed out (CPU), exit")
+    p.add_argument("--baseline-kernel-file", type=Path, default=None,
+                   help="with --host-overhead: also time this copy of _triton_attention.py, side by side")
+    p.add_argument("--host-iters", type=int, default=300, help="--host-overhead calls per repeat")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------
-# inputs, FLOPs, bytes
+# shapes, inputs, FLOPs
 # ----------------------------------------------------------------------------------------------
-def make_inputs(B: int, H: int, N: int, D: int, M: int, Pm: int, Pi: int, dtype: torch.dtype,
-                device: str, seed: int = 0) -> dict:
-    """Leaf tensors of one ReID prompted block: sequence q/k/v, modality bank, instance prompts."""
+def cases(args: argparse.Namespace) -> list[dict]:
+    """Paper block calls (per batch and token count) and the IPG call (broadcast queries, one-entry bank)."""
+    out = [dict(kind="block", B=B, H=args.heads, N=N, S=N, D=args.head_dim, M=args.bank_entries,
+                Pm=args.bank_len, Pi=args.inst_len, broadcast_q=False, indexed=True)
+           for B in args.batch for N in args.tokens]
+    if args.ipg_queries:
+        out += [dict(kind="ipg", B=B, H=args.heads, N=args.ipg_queries, S=args.ipg_keys, D=args.head_dim, M=1,
+                     Pm=args.ipg_queries, Pi=0, broadcast_q=True, indexed=False) for B in args.batch]
+    return out
+
+
+def make_inputs(c: dict, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
+    """Leaf tensors of one call: q/k/v, the bank (indexed or one shared entry), instance prompts if any."""
     g = torch.Generator(device=device).manual_seed(seed)
 
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, device=device, dtype=dtype).requires_grad_(True)
 
-    return dict(q=rnd(B, H, N, D), k=rnd(B, H, N, D), v=rnd(B, H, N, D),
-                bank_k=rnd(M, H, Pm, D), bank_v=rnd(M, H, Pm, D),
-                bank_index=(torch.arange(B, device=device) % M),
-                inst_k=rnd(B, H, Pi, D), inst_v=rnd(B, H, Pi, D))
+    B, H, N, S, D, M, Pm, Pi = (c[k] for k in ("B", "H", "N", "S", "D", "M", "Pm", "Pi"))
+    x = dict(q=rnd(1 if c["broadcast_q"] else B, H, N, D), k=rnd(B, H, S, D), v=rnd(B, H, S, D),
+             bank_k=rnd(M, H, Pm, D), bank_v=rnd(M, H, Pm, D),
+             bank_index=(torch.arange(B, device=device) % M) if c["indexed"] else None)
+    if Pi:
+        x.update(inst_k=rnd(B, H, Pi, D), inst_v=rnd(B, H, Pi, D))
+    return x
 
 
 def leaves(x: dict) -> list[torch.Tensor]:
-    return [t for t in x.values() if t.is_floating_point()]
+    return [t for t in x.values() if t is not None and t.is_floating_point()]
 
 
-def flops(B: int, H: int, N: int, L: int, D: int, mode: str) -> float:
+def keys_per_query(c: dict) -> int:
+    return c["S"] + c["Pm"] + c["Pi"]
+
+
+def flops(c: dict, mode: str) -> float:
     """Useful matmul FLOPs: fwd 2 GEMMs (4NLD per head); bwd 2.5x fwd (FA2 convention)."""
-    fwd = 4.0 * B * H * N * L * D
+    fwd = 4.0 * c["B"] * c["H"] * c["N"] * keys_per_query(c) * c["D"]
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 
 
-def hbm_bytes(x: dict, mode: str) -> float:
-    """Bytes of each input and output moved once (bank counted once, not once per sample)."""
-    def size(t: torch.Tensor) -> int:
-        return t.numel() * t.element_size()
+# ----------------------------------------------------------------------------------------------
+# HBM traffic: ideal and per design (counted, not measured; L2 absorbs re-reads within a (b, h))
+# ----------------------------------------------------------------------------------------------
+def tensor_bytes(c: dict, es: int) -> dict[str, int]:
+    """Bytes of each operand at element size `es` ('rows': one fp32 per (b, h, query): lse or delta)."""
+    B, H, N, S, D, M, Pm, Pi = (c[k] for k in ("B", "H", "N", "S", "D", "M", "Pm", "Pi"))
+    return dict(q=(1 if c["broadcast_q"] else B) * H * N * D * es, o=B * H * N * D * es, kv=2 * B * H * S * D * es,
+                inst=2 * B * H * Pi * D * es, bank=2 * M * H * Pm * D * es, index=8 * B if c["indexed"] else 0,
+                rows=4 * B * H * N)
 
-    q = x["q"]
-    B, H, N, D = q.shape
-    ins = sum(size(t) for t in leaves(x)) + size(x["bank_index"])
-    o = size(q)  # o has q's shape here
-    lse = 4 * B * H * N
-    if mode == "fwd":
-        return ins + o
-    grads = sum(size(t) for t in leaves(x))
-    return ins + o + lse + o + grads  # inputs, o (+lse), do, every gradient
+
+def ideal_bytes(c: dict, es: int) -> dict[str, float]:
+    """Every input read once and every output written once; fwd+bwd is the sum of the two passes."""
+    t = tensor_bytes(c, es)
+    ins = t["q"] + t["kv"] + t["inst"] + t["bank"] + t["index"]
+    fwd = ins + t["o"] + t["rows"]  # o and lse written
+    bwd = ins + 2 * t["o"] + t["rows"] + t["q"] + t["kv"] + t["inst"] + t["bank"]  # o, do, lse in; grads out
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
+
+
+def _fp32_bank_grads(c: dict, es: int) -> float:
+    """Atomic fp32 bank gradients: zero-fill, atomic write-back, then the cast's read and write."""
+    t = tensor_bytes(c, es)
+    f32 = t["bank"] * 4 / es
+    return 3 * f32 + t["bank"]
+
+
+def today_bytes(c: dict, es: int) -> dict[str, float]:
+    """The implemented design: one forward; backward = delta pass, dq pass, dk/dv pass (atomic mode)."""
+    t = tensor_bytes(c, es)
+    keys = t["kv"] + t["inst"] + t["bank"] + t["index"]
+    fwd = ideal_bytes(c, es)["fwd"]
+    delta = 2 * t["o"] + t["rows"]
+    dq_out = 3 * t["q"] * 4 / es + t["q"] if c["broadcast_q"] else t["q"]  # fp32 zero, atomics, cast
+    dq = t["q"] + t["o"] + keys + 2 * t["rows"] + dq_out
+    kv = t["q"] + t["o"] + keys + 2 * t["rows"] + t["kv"] + t["inst"] + _fp32_bank_grads(c, es)
+    return {"fwd": fwd, "bwd": delta + dq + kv, "fwd+bwd": fwd + delta + dq + kv}
+
+
+def fused_bwd_bytes(c: dict, es: int) -> dict[str, float]:
+    """Proposed for N <= 256: one CTA per (b, h) computes scores and dP once (delta folded, dq on chip)."""
+    t = tensor_bytes(c, es)
+    ideal = ideal_bytes(c, es)
+    bwd = ideal["bwd"] - t["bank"] + _fp32_bank_grads(c, es)
+    return {"fwd": ideal["fwd"], "bwd": bwd, "fwd+bwd": ideal["fwd"] + bwd}
+
+
+DESIGNS = {"today: 3-launch FA2 backward": today_bytes,
+           "proposed: one-pass backward (not implemented)": fused_bwd_bytes}
+
+
+def analytic(args: argparse.Namespace) -> dict:
+    """Counted HBM bytes per design and mode, with the ratio to the ideal bytes, at every case."""
+    es = DTYPES[args.dtype].itemsize
+    rows = []
+    print(f"{'case':34s} {'design':46s} {'mode':8s} {'MB':>9s} {'ideal MB':>9s} {'x ideal':>8s}")
+    for c in cases(args):
+        name = f"{c['kind']} B={c['B']} N={c['N']} S={c['S']} Pm={c['Pm']} Pi={c['Pi']}"
+        ideal = ideal_bytes(c, es)
+        for design, count in DESIGNS.items():
+            got = count(c, es)
+            for mode in MODES:
+                rows.append(dict(case=name, design=design, mode=mode, bytes=got[mode], ideal_bytes=ideal[mode],
+                                 x_ideal=got[mode] / ideal[mode]))
+                print(f"{name:34s} {design:46s} {mode:8s} {got[mode] / 1e6:9.1f} {ideal[mode] / 1e6:9.1f} "
+                      f"{got[mode] / ideal[mode]:8.2f}")
+    return {"analytic": rows, "dtype": args.dtype}
+
+
+# ----------------------------------------------------------------------------------------------
+# host overhead: the Python launch path with every kernel stubbed out
+# ----------------------------------------------------------------------------------------------
+def load_kernel_file(path: Path) -> ModuleType:
+    """A compiled-mode copy of a kernel file (e.g. an older revision) to time side by side."""
+    import triton
+
+    name = f"bench_kernels_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = False
+        spec.loader.exec_module(module)
+    return module
+
+
+def _per_call_us(fn: Callable[[], object], iters: int, repeats: int = 9) -> float:
+    """Least mean wall time per call over repeats, in microseconds: the repeat least disturbed by other load."""
+    for _ in range(max(iters // 10, 5)):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        samples.append((time.perf_counter() - t0) / iters * 1e6)
+    return min(samples)
+
+
+@contextlib.contextmanager
+def routed_to(module: ModuleType):
+    """Send `prompt_attention(impl='triton')` on meta tensors to `module` (its kernels stubbed)."""
+    from mip_dist import kernels
+    from mip_dist.kernels import _introspect, _op
+
+    with _introspect.stub_kernels(module), mock.patch.object(_op, "kernel_module", lambda device: module), \
+            mock.patch.object(kernels, "triton_unsupported", lambda q: None):
+        yield
+
+
+def host_overhead_of(module: ModuleType, c: dict, iters: int) -> dict[str, float]:
+    """Microseconds per call of the launchers and of the full entry point + autograd, kernels stubbed."""
+    from mip_dist.kernels import _introspect
+
+    x = [t.to("meta") if t is not None else None for t in _introspect.case_inputs(c, torch.bfloat16)]
+    scale = c["D"] ** -0.5
+    out = {}
+    with routed_to(module):
+        o, lse = module.forward(*x, scale)
+        do = torch.empty_like(o)
+        out["launcher fwd"] = _per_call_us(lambda: module.forward(*x, scale), iters)
+        out["launcher bwd"] = _per_call_us(lambda: module.backward(do, *x, o, lse, scale, False), iters)
+        xs = [t.requires_grad_(True) if t is not None and t.is_floating_point() else t for t in x]
+        need = [t for t in xs if t is not None and t.requires_grad]
+        names = ("q", "k", "v", "bank_k", "bank_v", "bank_index", "inst_k", "inst_v")
+        kw = dict(zip(names, xs))
+        with torch.no_grad():
+            out["entry fwd (no grad)"] = _per_call_us(lambda: prompt_attention(**kw, impl="triton"), iters)
+        y = prompt_attention(**kw, impl="triton")
+        out["entry fwd (autograd)"] = _per_call_us(lambda: prompt_attention(**kw, impl="triton"), iters)
+        out["entry bwd (autograd.grad)"] = _per_call_us(
+            lambda: torch.autograd.grad(y, need, do, retain_graph=True), iters)
+    return out
+
+
+def host_overhead(args: argparse.Namespace) -> dict:
+    """Per-call host time (kernels stubbed) of this checkout's kernels and optionally a baseline copy."""
+    from mip_dist.kernels import _backend, _introspect
+
+    modules = {"current": _backend.kernel_module(torch.device("cuda"))}
+    if args.baseline_kernel_file is not None:
+        modules = {"baseline": load_kernel_file(args.baseline_kernel_file), **modules}
+    rows = []
+    for case in ("paper", "ipg"):
+        for label, module in modules.items():
+            for what, us in host_overhead_of(module, _introspect.CASES[case], args.host_iters).items():
+                rows.append(dict(case=case, kernels=label, path=what, us=us))
+    print(f"host time per call, kernels stubbed, meta tensors ({platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs); triton's own launch cost is not included")
+    print(f"{'case':6s} {'path':28s} " + " ".join(f"{k:>10s}" for k in modules)
+          + (f" {'ratio':>7s}" if len(modules) > 1 else ""))
+    for case in ("paper", "ipg"):
+        for what in dict.fromkeys(r["path"] for r in rows):
+            us = {r["kernels"]: r["us"] for r in rows if r["case"] == case and r["path"] == what}
+            line = f"{case:6s} {what:28s} " + " ".join(f"{us[k]:8.1f}us" for k in modules)
+            if len(modules) > 1:
+                line += f" {us['baseline'] / us['current']:6.2f}x"
+            print(line)
+    return {"host_overhead": rows}
 
 
 # ----------------------------------------------------------------------------------------------
 # implementations: each maps inputs -> o
 # ----------------------------------------------------------------------------------------------
+def _batched_q(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q broadcast over the keys' batch (the IPG call's q has batch 1)."""
+    return q.expand(keys.shape[0], -1, -1, -1) if q.shape[0] != keys.shape[0] else q
+
+
 def concat_sdpa(backend) -> Callable:
     """Literal concatenation [bank[idx] | inst | seq] then SDPA pinned to one backend."""
     from torch.nn.attention import sdpa_kernel
 
-    def run(q, k, v, bank_k, bank_v, bank_index, inst_k, inst_v):
+    def run(q, k, v, bank_k, bank_v, bank_index, inst_k=None, inst_v=None):
         keys, values = gather_keys(k, v, bank_k, bank_v, bank_index, inst_k, inst_v)
         with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(q, keys, values)
+            return torch.nn.functional.scaled_dot_product_attention(_batched_q(q, keys), keys, values)
 
     return run
 
 
 def flex_concat() -> Callable:
-    """FlexAttention (compiled) over the concatenated keys; no mask is needed."""
+    """FlexAttention (compiled once per shape: dynamo's recompile limit is raised for the sweep)."""
+    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     flex = torch.compile(flex_attention, dynamic=False)
 
-    def run(q, k, v, bank_k, bank_v, bank_index, inst_k, inst_v):
+    def run(q, k, v, bank_k, bank_v, bank_index, inst_k=None, inst_v=None):
         keys, values = gather_keys(k, v, bank_k, bank_v, bank_index, inst_k, inst_v)
-        return flex(q, keys, values)
+        return flex(_batched_q(q, keys).contiguous(), keys, values)
 
     return run
 
@@ -141,6 +336,24 @@ def implementations() -> dict[str, Callable]:
 def _reason(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:160] if text else ''}"
+
+
+def peak_bandwidth(name: str) -> Optional[float]:
+    """Datasheet HBM bytes/s for a GPU name, or None when the name is not in PEAK_BW."""
+    for key, bw in PEAK_BW:
+        if key.lower() in name.lower():
+            return bw
+    return None
+
+
+def measured_copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write), the achievable-bandwidth fallback."""
+    from triton.testing import do_bench
+
+    src = torch.empty(1 << 29, dtype=torch.int16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 def time_modes(fn: Callable, x: dict, warmup: int, rep: int) -> dict[str, object]:
@@ -172,79 +385,101 @@ def time_modes(fn: Callable, x: dict, warmup: int, rep: int) -> dict[str, object
     return out
 
 
-def max_error(fn: Callable, x: dict) -> float:
-    """Max |o - o_fp32 reference| on these inputs (sanity check before timing)."""
-    with torch.no_grad():
-        o = fn(**x).float()
-        ref = prompt_attention_math(**{k: (t.float() if t.is_floating_point() else t) for k, t in x.items()})
-    return (o - ref).abs().max().item()
+def check_against_reference(fn: Callable, x: dict) -> dict[str, float]:
+    """max |err| / max |ref| of o and of every gradient (all 7 where present) vs the fp32 reference."""
+    x32 = {k: (t.detach().float().requires_grad_(True) if t is not None and t.is_floating_point() else t)
+           for k, t in x.items()}
+    ref = prompt_attention_math(**x32)
+    do = torch.randn_like(ref)
+    ref.backward(do)
+    for t in leaves(x):
+        t.grad = None
+    o = fn(**x)
+    o.backward(do.to(o.dtype))
+    errs = {"o": ((o.float() - ref).abs().max() / ref.abs().max()).item()}
+    for name in GRADS:
+        if x.get(name) is not None:
+            got, want = x[name].grad, x32[name].grad
+            errs[name] = float("inf") if got is None else ((got.float() - want).abs().max()
+                                                            / want.abs().max().clamp_min(1e-30)).item()
+    for t in leaves(x):
+        t.grad = None
+    return errs
 
 
 def bench_gpu(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.dtype]
+    device_name = torch.cuda.get_device_name()
+    peak, peak_source = args.peak_bw, "--peak-bw"
+    if peak is None:
+        peak, peak_source = peak_bandwidth(device_name), "datasheet"
+    if peak is None:
+        peak, peak_source = measured_copy_bandwidth(), "measured copy"
+    print(f"peak HBM bandwidth {peak / 1e12:.2f} TB/s ({peak_source})")
     impls = implementations()
     if args.impls:
         impls = {k: v for k, v in impls.items() if k in args.impls}
+    es = dtype.itemsize
     rows = []
-    for B in args.batch:
-        for N in args.tokens:
-            x = make_inputs(B, args.heads, N, args.head_dim, args.bank_entries, args.bank_len, args.inst_len,
-                            dtype, "cuda")
-            L = N + args.bank_len + args.inst_len
-            for name, fn in impls.items():
-                base = dict(impl=name, B=B, H=args.heads, N=N, S=N, L=L, D=args.head_dim, dtype=args.dtype)
-                try:
-                    err = max_error(fn, x)
-                    times = time_modes(fn, x, args.warmup, args.rep)
-                except Exception as exc:  # a backend may not take these shapes/dtype on this GPU
-                    err, times = None, {mode: _reason(exc) for mode in MODES}
-                for mode in MODES:
-                    ms = times[mode]
-                    if isinstance(ms, str):
-                        rows.append({**base, "mode": mode, "status": "unavailable", "reason": ms})
-                        continue
-                    nbytes = hbm_bytes(x, mode)
-                    bound_ms = nbytes / args.peak_bw * 1e3
-                    rows.append({**base, "mode": mode, "status": "ok", "ms": ms, "max_abs_err": err,
-                                 "tflops": flops(B, args.heads, N, L, args.head_dim, mode) / ms * 1e-9,
-                                 "gbps": nbytes / ms * 1e-6, "hbm_bound_ms": bound_ms,
-                                 "x_hbm_bound": ms / bound_ms})
-                if all(isinstance(times[m], str) for m in MODES) and len({times[m] for m in MODES}) == 1:
-                    summary = f"unavailable ({times['fwd']})"
-                else:
-                    summary = ", ".join(f"{m} {times[m]:.3f} ms" if not isinstance(times[m], str)
-                                        else f"{m} unavailable ({times[m]})" for m in MODES)
-                    summary += f" (max err {err:.2e})" if err is not None else ""
-                print(f"  {name:28s} B={B} N={N}: {summary}", flush=True)
-            del x
-            torch.cuda.empty_cache()
+    for c in cases(args):
+        x = make_inputs(c, dtype, "cuda")
+        ideal = ideal_bytes(c, es)
+        for name, fn in impls.items():
+            base = dict(impl=name, case=c["kind"], B=c["B"], H=c["H"], N=c["N"], S=c["S"], L=keys_per_query(c),
+                        D=c["D"], dtype=args.dtype)
+            try:
+                errs = check_against_reference(fn, x)
+                bad = {k: e for k, e in errs.items() if not e <= GRAD_TOL[dtype]}
+                times = ({mode: f"wrong vs reference: {bad}" for mode in MODES} if bad
+                         else time_modes(fn, x, args.warmup, args.rep))
+            except Exception as exc:  # a backend may not take these shapes/dtype on this GPU
+                errs, times = None, {mode: _reason(exc) for mode in MODES}
+            for mode in MODES:
+                ms = times[mode]
+                if isinstance(ms, str):
+                    rows.append({**base, "mode": mode, "status": "unavailable", "reason": ms, "rel_err": errs})
+                    continue
+                bound_ms = ideal[mode] / peak * 1e3
+                rows.append({**base, "mode": mode, "status": "ok", "ms": ms, "rel_err": errs,
+                             "tflops": flops(c, mode) / ms * 1e-9, "gbps": ideal[mode] / ms * 1e-6,
+                             "hbm_bound_ms": bound_ms, "x_hbm_bound": ms / bound_ms})
+            summary = ", ".join(f"{m} {times[m]:.3f} ms" if not isinstance(times[m], str)
+                                else f"{m} unavailable ({times[m]})" for m in MODES)
+            if errs is not None:
+                summary += f" (max rel err {max(errs.values()):.2e} over o + {len(errs) - 1} grads)"
+            print(f"  {name:28s} {c['kind']} B={c['B']} N={c['N']}: {summary}", flush=True)
+        del x
+        torch.cuda.empty_cache()
     add_speedups(rows)
-    return {"device": torch.cuda.get_device_name(), "peak_bw": args.peak_bw, "rows": rows}
+    return {"device": device_name, "peak_bw": peak, "peak_bw_source": peak_source, "rows": rows}
+
+
+def _row_key(r: dict) -> tuple:
+    return r["case"], r["B"], r["N"], r["mode"]
 
 
 def add_speedups(rows: list[dict]) -> None:
     """Each ok row gets fused_speedup = its time / fused-triton time at the same shape and mode."""
-    fused = {(r["B"], r["N"], r["mode"]): r["ms"] for r in rows
-             if r["impl"] == "fused-triton" and r["status"] == "ok"}
+    fused = {_row_key(r): r["ms"] for r in rows if r["impl"] == "fused-triton" and r["status"] == "ok"}
     for r in rows:
-        key = (r["B"], r["N"], r["mode"])
-        if r["status"] == "ok" and key in fused:
-            r["fused_speedup"] = r["ms"] / fused[key]
+        if r["status"] == "ok" and _row_key(r) in fused:
+            r["fused_speedup"] = r["ms"] / fused[_row_key(r)]
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'impl':28s} {'B':>4s} {'N':>4s} {'mode':8s} {'ms':>8s} {'TFLOP/s':>8s} {'GB/s':>7s} "
+    head = (f"{'impl':28s} {'case':5s} {'B':>4s} {'N':>4s} {'mode':8s} {'ms':>8s} {'TFLOP/s':>8s} {'GB/s':>7s} "
             f"{'HBM ms':>7s} {'xHBM':>6s} {'fused x':>8s}")
     print(head)
     print("-" * len(head))
-    for r in sorted(rows, key=lambda r: (r["B"], r["N"], MODES.index(r["mode"]))):
+    for r in sorted(rows, key=lambda r: (r["case"], r["B"], r["N"], MODES.index(r["mode"]))):
         if r["status"] != "ok":
-            print(f"{r['impl']:28s} {r['B']:4d} {r['N']:4d} {r['mode']:8s} unavailable")
+            print(f"{r['impl']:28s} {r['case']:5s} {r['B']:4d} {r['N']:4d} {r['mode']:8s} unavailable")
             continue
-        print(f"{r['impl']:28s} {r['B']:4d} {r['N']:4d} {r['mode']:8s} {r['ms']:8.3f} {r['tflops']:8.1f} "
-              f"{r['gbps']:7.0f} {r['hbm_bound_ms']:7.3f} {r['x_hbm_bound']:6.2f} "
+        print(f"{r['impl']:28s} {r['case']:5s} {r['B']:4d} {r['N']:4d} {r['mode']:8s} {r['ms']:8.3f} "
+              f"{r['tflops']:8.1f} {r['gbps']:7.0f} {r['hbm_bound_ms']:7.3f} {r['x_hbm_bound']:6.2f} "
               f"{r.get('fused_speedup', float('nan')):8.2f}")
-    print("fused x = this row's time / fused-triton's time (same shape, mode); xHBM = time / HBM bound")
+    print("fused x = this row's time / fused-triton's time (same shape, mode); xHBM = time / HBM bound "
+          "(ideal bytes of the mode, fwd+bwd = fwd + bwd bytes)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +528,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         meta["triton"] = triton.__version__
     except ImportError:
         meta["triton"] = None
-    if torch.cuda.is_available():
+    if args.analytic or args.host_overhead:
+        result = {}
+        if args.analytic:
+            result.update(analytic(args))
+        if args.host_overhead:
+            result.update(host_overhead(args))
+    elif torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}; dtype {args.dtype}, H {args.heads}, D {args.head_dim}, "
               f"Pm {args.bank_len} x {args.bank_entries} entries, Pi {args.inst_len}")
         result = bench_gpu(args)

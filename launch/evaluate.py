@@ -1,22 +1,32 @@
 """Evaluate an exported MIP model on the standard VI-ReID protocols; print a table, write results.json and plots.
 
     python launch/evaluate.py --checkpoint runs/x/model_best.pt [--config C] [--protocol sysu sysu_authors]
-                              [--out DIR] [--flip] [--visualize] [--device cpu] [key=value ...]
+                              [--out DIR] [--flip] [--visualize] [--device cpu] [--debug] [key=value ...]
+    # RegDB / LLCM style: one model per split, mean ± std over the splits
+    python launch/evaluate.py --checkpoint runs/regdb1/model_best.pt --shards shards/regdb1 \
+                              --checkpoint runs/regdb2/model_best.pt --shards shards/regdb2 ... --out eval_regdb
+    python launch/evaluate.py --runs 'runs/regdb*' --out eval_regdb
 
 The checkpoint is the consolidated fp32 file the trainer exports ({"model", "config", "num_classes",
 "num_cameras"}), read with `torch.load(weights_only=True)`. Without --config its embedded config is
 used; with one, the model sections must agree. Under torchrun / deepspeed / accelerate (WORLD_SIZE > 1)
 every rank extracts a share of the test set and rank 0 writes the outputs.
+
+Every pair is checked (checkpoint readable, config, index.json, RegDB split of the checkpoint vs the
+shards) before any feature is extracted. Errors: one `error:` line naming the file, key or value
+and exit code 2; the traceback only with --debug or MIP_DEBUG=1.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -35,14 +45,25 @@ class EvalError(RuntimeError):
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command line: options plus trailing key=value config overrides."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="exported model file (model_best.pt / model_final.pt)")
+    p.add_argument("--checkpoint", action="append", default=[],
+                   help="exported model file (model_best.pt / model_final.pt); repeat for one model per split")
+    p.add_argument("--shards", action="append", default=[],
+                   help="test shards of the --checkpoint at the same position (default: its data.shards)")
+    p.add_argument("--runs", default=None, metavar="GLOB",
+                   help="run folders (a glob such as 'runs/regdb*'); each contributes its model_best.pt "
+                        "(else model_final.pt) with the shards of its saved config")
     p.add_argument("--config", default=None, help="YAML config; default: the config saved in the checkpoint")
     p.add_argument("--protocol", nargs="+", default=None, metavar="P",
                    help=f"protocols to run ({', '.join(PROTOCOL_NAMES)}); default: eval.protocols")
     p.add_argument("--out", default=None, help="output folder; default: <checkpoint folder>/eval")
     p.add_argument("--flip", action="store_true", help="average features with the horizontally flipped image")
-    p.add_argument("--visualize", action="store_true", help="also write t-SNE and attention-overlay figures")
+    p.add_argument("--visualize", action="store_true",
+                   help="also write rank lists (query + top-10, green = same id), the worst-AP queries, "
+                        "t-SNE and attention-overlay figures")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--release", action="store_true",
+                   help="checkpoints saved by the MIP authors' code (detected automatically otherwise)")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error (also MIP_DEBUG=1)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides such as eval.trials=3 data.shards=/path")
     return p.parse_args(argv)
@@ -113,7 +134,7 @@ def resolve_config(config_path: Optional[str], overrides: list[str], blob: dict,
     diff = [f"model.{k}: checkpoint {trained[k]!r}, config {given[k]!r}" for k in sorted(given)
             if k not in _TRAIN_ONLY_MODEL_KEYS and given.get(k) != trained.get(k)]
     if diff:
-        raise EvalError(f"checkpoint {ckpt_path} was trained with another model config:\n  " + "\n  ".join(diff))
+        raise EvalError(f"checkpoint {ckpt_path} was trained with another model config: " + "; ".join(diff))
     return cfg
 
 
@@ -131,7 +152,8 @@ def build_and_load(cfg: Config, blob: dict, index: dict, ckpt_path: str) -> torc
         model.load_state_dict(blob["model"], strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[:6]
-        raise EvalError(f"checkpoint {ckpt_path} does not fit the model of this config:\n  " + "\n  ".join(first)) from exc
+        raise EvalError(f"checkpoint {ckpt_path} does not fit the model of this config: "
+                        + " ".join(line.strip() for line in first)) from exc
     return model
 
 
@@ -145,44 +167,71 @@ def _init_process_group(device_pref: str, local_rank: int) -> tuple[int, int, to
     return 0, 1, resolve_device(device_pref, max(local_rank, 0))
 
 
-def visualize(model: torch.nn.Module, cfg: Config, index: dict, feats: torch.Tensor, keys: list[str],
-              out: Path, device: torch.device) -> list[Path]:
-    """t-SNE of instance prompts and CLS-attention overlays for rank-1 pairs of the first setting."""
-    from mip_dist.data.stream import build_test_loader
-    from mip_dist.eval import visualize as vis
-    from mip_dist.eval.metrics import pairwise_distance
-    from mip_dist.eval.protocols import build_settings
-
-    written = []
-    loader = build_test_loader(cfg.data, rank=0, world_size=1, batch_size=cfg.eval.batch_size)
-    emb = vis.instance_prompt_embedding(model, loader, device=device)
-    if emb is not None:
-        written.append(vis.plot_tsne(emb["embedding"], emb["pid"], emb["modality"], out / "tsne_instance_prompts.png"))
-    setting = build_settings(index, cfg.eval.protocols, trials=1)[0]
-    row = {k: i for i, k in enumerate(keys)}
-    recs = index["test_records"]
-    q_rows = [row[recs[i]["key"]] for i in setting.query]
-    g_rows = [row[recs[i]["key"]] for i in setting.galleries[0]]
-    distmat = pairwise_distance(feats[q_rows], feats[g_rows])
-    pairs = vis.select_pairs(distmat, [recs[i]["pid"] for i in setting.query],
-                             [recs[i]["pid"] for i in setting.galleries[0]], k=4)
-    wanted = {recs[setting.query[q]]["key"]: None for q, _, _ in pairs}
-    wanted.update({recs[setting.galleries[0][g]]["key"]: None for _, g, _ in pairs})
-    images = vis.collect_images(build_test_loader(cfg.data, rank=0, world_size=1, batch_size=cfg.eval.batch_size),
-                                wanted)
-    triples = [(images[recs[setting.query[q]]["key"]], images[recs[setting.galleries[0][g]]["key"]], ok)
-               for q, g, ok in pairs]
-    written.append(vis.plot_attention_pairs(model, triples, out / f"attention_{setting.name}.png", device=device))
-    return written
+def check_trained_split(blob: dict, index: dict, ckpt_path: str, shards: str) -> None:
+    """A RegDB model is only scored on its own split: half of another split's test ids were its training ids."""
+    if index.get("dataset") != "regdb":
+        return
+    try:
+        trained = from_dict(blob["config"]).data
+    except ConfigError as exc:
+        raise EvalError(f"{ckpt_path}: its saved config is not valid here: {exc}") from exc
+    if trained.dataset != "regdb":
+        return  # cross-dataset evaluation: the identity-count check in build_and_load still applies
+    held = index.get("regdb_split")
+    if held != trained.regdb_split:
+        raise EvalError(f"checkpoint {ckpt_path} was trained on RegDB split {trained.regdb_split} (data.regdb_split "
+                        f"in its saved config), but {Path(shards) / 'index.json'} holds split {held} (regdb_split); "
+                        f"half of split {held}'s test identities may be training identities of split "
+                        f"{trained.regdb_split}: pass the split-{trained.regdb_split} shards "
+                        f"(launch/make_shards.py --dataset regdb --regdb-split {trained.regdb_split})")
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Everything after argument parsing; raises EvalError / ConfigError / ProtocolError for user mistakes."""
-    from mip_dist.engine.evaluator import default_dtype, evaluate_features, extract_features
-    from mip_dist.eval.report import format_table, write_results
+class Job(NamedTuple):
+    """One model to evaluate with its config and test index, all checked before any feature is extracted."""
 
-    blob = load_checkpoint(args.checkpoint)
-    cfg = resolve_config(args.config, args.overrides, blob, args.checkpoint)
+    checkpoint: str
+    blob: dict
+    cfg: Config
+    index: dict
+
+
+def model_pairs(args: argparse.Namespace) -> list[tuple[str, Optional[str]]]:
+    """(checkpoint, shards or None) pairs from --checkpoint/--shards or --runs, validated for count and existence."""
+    if args.runs and (args.checkpoint or args.shards):
+        raise EvalError("pass either --runs GLOB (each run's shards come from its saved config) or "
+                        "--checkpoint FILE(s) with optional --shards, not both")
+    if args.shards and len(args.shards) != len(args.checkpoint):
+        raise EvalError(f"{len(args.checkpoint)} --checkpoint but {len(args.shards)} --shards: give one --shards per "
+                        "--checkpoint, in the same order, or none (each checkpoint's own data.shards)")
+    if args.runs:
+        folders = sorted(p for p in glob.glob(args.runs) if Path(p).is_dir())
+        if not folders:
+            raise EvalError(f"--runs {args.runs!r}: no run folder matches")
+        pairs: list[tuple[str, Optional[str]]] = []
+        for folder in folders:
+            found = [Path(folder) / n for n in ("model_best.pt", "model_final.pt") if (Path(folder) / n).is_file()]
+            if not found:
+                raise EvalError(f"--runs: run folder {folder} has no model_best.pt or model_final.pt")
+            pairs.append((str(found[0]), None))
+        return pairs
+    if not args.checkpoint:
+        raise EvalError("no model to evaluate: pass --checkpoint FILE (repeat it for several splits) or --runs GLOB")
+    return [(c, args.shards[i] if args.shards else None) for i, c in enumerate(args.checkpoint)]
+
+
+def prepare(args: argparse.Namespace, ckpt: str, shards: Optional[str]) -> Job:
+    """Checkpoint, config, protocols, index.json and RegDB split of one model; raises naming what is wrong."""
+    from mip_dist.data.stream import read_index
+
+    from mip_dist.model.release import ReleaseCheckpointError, is_release_checkpoint, release_blob
+
+    try:  # the MIP authors' released checkpoints are read through the release layout
+        blob = (release_blob(ckpt, base=load_config(args.config) if args.config else None)
+                if args.release or is_release_checkpoint(ckpt) else load_checkpoint(ckpt))
+    except ReleaseCheckpointError as exc:
+        raise EvalError(str(exc)) from exc
+    overrides = list(args.overrides) + ([f"data.shards={shards}"] if shards else [])
+    cfg = resolve_config(args.config, overrides, blob, ckpt)
     if args.flip:
         cfg.eval.flip = True
     protocols = args.protocol or cfg.eval.protocols
@@ -193,27 +242,71 @@ def run(args: argparse.Namespace) -> dict:
     index_path = Path(cfg.data.shards) / "index.json"
     if not index_path.is_file():
         raise EvalError(f"data.shards: no index.json at {index_path} (write the test shards first, or pass "
-                        "data.shards=/path/to/shards)")
-    from mip_dist.data.stream import build_test_loader, read_index
-
+                        "data.shards=/path/to/shards or --shards)")
     index = read_index(cfg.data.shards)
-    rank, world, device = _init_process_group(args.device, args.local_rank)
-    model = build_and_load(cfg, blob, index, args.checkpoint).to(device).eval()
+    check_trained_split(blob, index, ckpt, cfg.data.shards)
+    return Job(ckpt, blob, cfg, index)
 
+
+def visualize(model: torch.nn.Module, cfg: Config, index: dict, feats: torch.Tensor, keys: list[str],
+              out: Path, device: torch.device) -> list[Path]:
+    """Rank lists and worst-AP queries of every headline setting, t-SNE of instance prompts, CLS-attention pairs."""
+    from mip_dist.data.stream import build_test_loader
+    from mip_dist.eval import visualize as vis
+    from mip_dist.eval.metrics import pairwise_distance
+    from mip_dist.eval.protocols import build_settings
+
+    def loader():
+        """A fresh single-process pass over the test shards (each figure reads what it needs)."""
+        return build_test_loader(cfg.data, rank=0, world_size=1, batch_size=cfg.eval.batch_size)
+
+    written = []
+    row = {k: i for i, k in enumerate(keys)}
+    recs = index["test_records"]
+    settings = [s for s in build_settings(index, cfg.eval.protocols, trials=1) if s.headline]
+    lists = {s.name: vis.rank_lists(feats, row, recs, s, num_queries=8) for s in settings}
+    wanted = {k for rl in lists.values() for k in vis.keys_in(rl)}
+    images = vis.collect_images(loader(), wanted)
+    for name, rl in lists.items():
+        written.append(vis.plot_rank_lists(rl["sample"], images, out / f"ranklist_{name}.png",
+                                           title=f"{name}: sample queries (trial 0)"))
+        written.append(vis.plot_rank_lists(rl["worst"], images, out / f"worst_ap_{name}.png",
+                                           title=f"{name}: lowest average precision (trial 0)"))
+    emb = vis.instance_prompt_embedding(model, loader(), device=device)
+    if emb is not None:
+        written.append(vis.plot_tsne(emb["embedding"], emb["pid"], emb["modality"], out / "tsne_instance_prompts.png"))
+    setting = settings[0]
+    query, gallery = setting.trial_query(0), setting.galleries[0]
+    q_rows = [row[recs[i]["key"]] for i in query]
+    g_rows = [row[recs[i]["key"]] for i in gallery]
+    distmat = pairwise_distance(feats[q_rows], feats[g_rows])
+    pairs = vis.select_pairs(distmat, [recs[i]["pid"] for i in query], [recs[i]["pid"] for i in gallery], k=4)
+    wanted = {recs[query[q]]["key"]: None for q, _, _ in pairs}
+    wanted.update({recs[gallery[g]]["key"]: None for _, g, _ in pairs})
+    images = vis.collect_images(loader(), wanted)
+    triples = [(images[recs[query[q]]["key"]], images[recs[gallery[g]]["key"]], ok) for q, g, ok in pairs]
+    written.append(vis.plot_attention_pairs(model, triples, out / f"attention_{setting.name}.png", device=device))
+    return written
+
+
+def evaluate_job(job: Job, args: argparse.Namespace, out: Path, world: tuple[int, int, torch.device]) -> dict:
+    """Extract features once, run every setting, and (rank 0) print the table and write results.json and figures."""
+    from mip_dist.data.stream import build_test_loader
+    from mip_dist.engine.evaluator import default_dtype, evaluate_features, extract_features
+    from mip_dist.eval.report import format_table, write_results
+
+    rank, world_size, device = world
+    cfg, index = job.cfg, job.index
+    model = build_and_load(cfg, job.blob, index, job.checkpoint).to(device).eval()
     t0 = time.perf_counter()
-    loader = build_test_loader(cfg.data, rank=rank, world_size=world, batch_size=cfg.eval.batch_size)
+    loader = build_test_loader(cfg.data, rank=rank, world_size=world_size, batch_size=cfg.eval.batch_size)
     feats, keys = extract_features(model, loader, device=device, flip=cfg.eval.flip, dtype=default_dtype(device),
-                                   distributed=world > 1)
+                                   distributed=world_size > 1)
     results = evaluate_features(feats, keys, index, cfg.eval.protocols, trials=cfg.eval.trials,
                                 max_rank=cfg.eval.max_rank, rerank=cfg.eval.rerank, device=device)
     if rank != 0:
         return results
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"checkpoint": str(Path(args.checkpoint).resolve()), "config": args.config, "dataset": index.get("dataset"),
-            "regdb_split": index.get("regdb_split"), "protocols": cfg.eval.protocols, "flip": cfg.eval.flip,
-            "rerank": cfg.eval.rerank, "device": str(device), "world_size": world, "num_test_images": len(keys),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    meta = split_meta(job, args, device, world_size, len(keys), time.perf_counter() - t0)
     print(format_table(results))
     written = write_results(results, out, meta, title=f"CMC - {index.get('dataset')}")
     if args.visualize:
@@ -222,14 +315,81 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def pair_meta(job: Job, args: argparse.Namespace) -> dict:
+    """What identifies one evaluated model and its test data, so a number can be traced to its inputs."""
+    index, cfg = job.index, job.cfg
+    return {"checkpoint": str(Path(job.checkpoint).resolve()), "config": args.config, "shards": str(cfg.data.shards),
+            "dataset": index.get("dataset"), "regdb_split": index.get("regdb_split"), "protocols": cfg.eval.protocols,
+            "flip": cfg.eval.flip, "rerank": cfg.eval.rerank, "distance_dtype": "float64"}
+
+
+def split_meta(job: Job, args: argparse.Namespace, device: torch.device, world_size: int, num_images: int,
+               seconds: float) -> dict:
+    """pair_meta plus how this run went (device, ranks, images, time): the meta of one results.json."""
+    return {**pair_meta(job, args), "device": str(device), "world_size": world_size, "num_test_images": num_images,
+            "seconds": round(seconds, 2)}
+
+
+def _default_out(checkpoints: list[str]) -> Path:
+    """<checkpoint folder>/eval for one model; <common parent of the run folders>/eval_splits for several."""
+    if len(checkpoints) == 1:
+        return Path(checkpoints[0]).resolve().parent / "eval"
+    return Path(os.path.commonpath([str(Path(c).resolve().parent) for c in checkpoints])) / "eval_splits"
+
+
+def split_folder(out: Path, number: int, job: Job) -> Path:
+    """Where split `number` (1-based) writes its own results: splitNN_<run folder name>."""
+    return out / f"split{number:02d}_{Path(job.checkpoint).resolve().parent.name}"
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Everything after argument parsing; raises EvalError / ConfigError / ProtocolError for user mistakes."""
+    from mip_dist.eval.report import aggregate_splits, format_table, write_aggregate
+
+    jobs = [prepare(args, ckpt, shards) for ckpt, shards in model_pairs(args)]  # every check before extraction
+    rank, world_size, device = _init_process_group(args.device, args.local_rank)
+    out = Path(args.out) if args.out else _default_out([j.checkpoint for j in jobs])
+    if len(jobs) == 1:
+        return evaluate_job(jobs[0], args, out, (rank, world_size, device))
+    per_split = []
+    for i, job in enumerate(jobs, 1):
+        split_out = split_folder(out, i, job)
+        if rank == 0:
+            print(f"== {i}/{len(jobs)}: {job.checkpoint} on {job.cfg.data.shards}")
+        per_split.append(evaluate_job(job, args, split_out, (rank, world_size, device)))
+    aggregate = aggregate_splits(per_split)
+    if rank == 0:
+        print(f"== mean ± std over {len(jobs)} splits")
+        print(format_table(aggregate))
+        metas = [dict(pair_meta(j, args), results=str(split_folder(out, i, j) / "results.json"))
+                 for i, j in enumerate(jobs, 1)]
+        print(f"wrote {write_aggregate(per_split, aggregate, metas, out)}")
+    return aggregate
+
+
+def debug_requested(flag: bool) -> bool:
+    """--debug or MIP_DEBUG=1 (any value but empty/0) asks for tracebacks."""
+    return flag or os.environ.get("MIP_DEBUG", "").strip() not in ("", "0")
+
+
+def report_error(exc: BaseException, debug: bool) -> int:
+    """One `error:` line (plus the traceback when debugging) and exit code 2, whatever failed."""
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    known = isinstance(exc, (EvalError, ConfigError, ProtocolError, ShardError))
+    text = " ".join(str(exc).split()) if known else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    hint = "" if known or debug else " (run with --debug or MIP_DEBUG=1 for the traceback)"
+    print(f"error: {text}{hint}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point: 0 on success, 2 with a one-line message for user errors."""
+    """Entry point: 0 on success, 2 with a one-line message for any error (traceback with --debug)."""
     args = parse_args(argv)
     try:
         run(args)
-    except (EvalError, ConfigError, ProtocolError, ShardError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
+        return report_error(exc, debug_requested(args.debug))
     finally:
         import torch.distributed as dist
 

@@ -8,7 +8,8 @@ For `synthetic`, a root without a dataset is first filled by the synthetic gener
 `generate_synthetic`, or the --synthetic-* options). Re-running on unchanged input does nothing.
 An --out that holds other shards (another dataset, split, input or settings) is refused unless
 --overwrite is given; the new shards are then written beside it and swapped in only when complete.
-A folder with files that are not shards is never written into. Errors: one `error:` line, exit 2.
+A folder with files that are not shards is never written into. Errors: one `error:` line naming the
+file, key or value, exit 2; the traceback only with --debug or MIP_DEBUG=1.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mip_dist.data.layouts import DatasetError  # noqa: E402
-from mip_dist.data.shards import (DEFAULT_MAX_SHARD_BYTES, DEFAULT_MAX_SHARD_SAMPLES, ShardError,  # noqa: E402
-                                  write_shards)
+from mip_dist.data.shards import (DEFAULT_CHUNK_INSTANCES, DEFAULT_MAX_SHARD_BYTES,  # noqa: E402
+                                  DEFAULT_MAX_SHARD_SAMPLES, ShardError, write_shards)
 from mip_dist.data.synthetic import MARKER, generate_synthetic  # noqa: E402
 
 EXIT_ERROR = 2
@@ -40,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-shard-samples", type=int, default=DEFAULT_MAX_SHARD_SAMPLES)
     p.add_argument("--workers", type=int, default=min(len(os.sched_getaffinity(0)), 8))
     p.add_argument("--seed", type=int, default=0, help="seed of the training-sample shuffle")
+    p.add_argument("--chunk-instances", type=int, default=DEFAULT_CHUNK_INSTANCES,
+                   help="training samples are written in identity chunks of this many visible + infrared "
+                        "images (use the K of your PK batches, data.num_instances)")
     p.add_argument("--synthetic-ids", type=int, default=120, help="synthetic: training identities")
     p.add_argument("--synthetic-test-ids", type=int, default=40, help="synthetic: test identities")
     p.add_argument("--synthetic-images-per-camera", type=int, default=4)
@@ -47,7 +52,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="replace shards of another dataset, split, input or settings already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error (also MIP_DEBUG=1)")
     return p.parse_args(argv)
+
+
+def report_error(exc: BaseException, debug: bool) -> int:
+    """One `error:` line (the traceback first when debugging); exit code 2 for any failure."""
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    known = isinstance(exc, (DatasetError, ShardError, FileExistsError, UsageError))
+    text = " ".join(str(exc).split())
+    if not known:
+        text = f"{type(exc).__name__}: {text}" + ("" if debug else " (run with --debug or MIP_DEBUG=1 for the traceback)")
+    print(f"error: {text}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot work; the message names the option."""
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Values that would fail deep inside the writer, refused up front with the option named."""
+    if not 1 <= args.regdb_split <= 10:
+        raise UsageError(f"--regdb-split {args.regdb_split}: RegDB has splits 1..10")
+    for name in ("max_shard_bytes", "max_shard_samples", "workers"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.dataset != "synthetic" and not Path(args.root).is_dir():
+        raise UsageError(f"--root {args.root}: no such folder (the {args.dataset} dataset root)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a folder")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.time()
     try:
+        check_args(args)
         if args.dataset == "synthetic" and not (Path(args.root) / MARKER).is_file():  # refuses a tree it did not write
             print(f"generating the synthetic dataset at {args.root} ...")
             generate_synthetic(args.root, num_train_ids=args.synthetic_ids, num_test_ids=args.synthetic_test_ids,
@@ -64,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         index = write_shards(args.dataset, args.root, args.out, regdb_split=args.regdb_split,
                              max_shard_bytes=args.max_shard_bytes, max_shard_samples=args.max_shard_samples,
                              workers=args.workers, seed=args.seed, progress=not args.quiet,
-                             overwrite=args.overwrite, replace_outdated=False)
-    except (DatasetError, ShardError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+                             overwrite=args.overwrite, replace_outdated=False,
+                             chunk_instances=args.chunk_instances)
+    except Exception as exc:  # noqa: BLE001 - every failure is one line; --debug shows the traceback
+        return report_error(exc, args.debug or os.environ.get("MIP_DEBUG", "").strip() not in ("", "0"))
     c = index["counts"]
     print(f"{args.dataset}: {c['train']['total']} train images ({index['num_classes']} identities), "
           f"{c['test']['total']} test images, {len(index['shards'])} shards, "

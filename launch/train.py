@@ -2,6 +2,8 @@
 
 Parses arguments, builds and checks the config (a bad config fails here, before any process group
 starts), initialises the process group (nccl on GPUs, gloo on CPUs) and hands over to the Trainer.
+Errors: one `error:` line naming the file, key or value, exit code 2 (3 when training diverged);
+the traceback only with --debug or MIP_DEBUG=1.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,18 +30,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ablation", action="store_true",
                    help="train the baseline ViT and MIP on the same data (default config: configs/demo_ablation.yaml) "
                         "one after the other and print their results side by side")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error (also MIP_DEBUG=1)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=0.02")
     return p.parse_args(argv)
 
 
+def debug_requested(flag: bool) -> bool:
+    """--debug or MIP_DEBUG=1 (any value but empty/0) asks for tracebacks."""
+    return flag or os.environ.get("MIP_DEBUG", "").strip() not in ("", "0")
+
+
+def report_error(exc: BaseException, debug: bool, prefix: str = "") -> int:
+    """One `error:` line (the traceback first when debugging); returns exit code 2."""
+    from mip_dist.config import ConfigError
+
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, ConfigError):
+        text = f"{type(exc).__name__}: {text}" + ("" if debug else " (run with --debug or MIP_DEBUG=1 for the traceback)")
+    print(f"error: {prefix}{text}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def config_path(arg: str | None) -> Path:
     """The --config file, or the demo config when none is given."""
-    # Demo hook (issue 7): `python launch/train.py` with no arguments trains configs/demo.yaml.
+    # Demo hook: `python launch/train.py` with no arguments trains configs/demo.yaml.
+    from mip_dist.config import ConfigError
+
     if arg is not None:
         return Path(arg)
     if DEMO_CONFIG.is_file():
         return DEMO_CONFIG
-    raise SystemExit(f"error: no --config given and the demo config {DEMO_CONFIG} does not exist")
+    raise ConfigError(f"no --config given and the demo config {DEMO_CONFIG} does not exist")
 
 
 def setup_logging(rank: int) -> None:
@@ -173,23 +197,29 @@ def leave(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
+    """Entry point; returns the process exit code (any error: one line, code 2; traceback with --debug)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(args.debug)
     if args.ablation:
-        return run_ablation(args)
+        try:
+            return run_ablation(args)
+        except Exception as exc:  # noqa: BLE001 - one line; --debug shows the traceback
+            return report_error(exc, debug)
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     from mip_dist.config import ConfigError, load_config
 
-    path = config_path(args.config)
+    path = args.config
     try:
+        path = config_path(args.config)
         cfg = load_config(path, args.overrides)
         if args.config is None and args.resume is None:  # the demo: never overwrite, continue if cut off
             args.resume = demo_resume(cfg)
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), args.resume)
     except ConfigError as exc:
-        print(f"error: {path}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return report_error(exc, debug, prefix=f"{path}: " if path else "")
+    except Exception as exc:  # noqa: BLE001 - before any process group: one line, exit 2
+        return report_error(exc, debug, prefix=f"{path}: " if path else "")
 
     from mip_dist.engine.distributed import init_distributed, shutdown
     from mip_dist.engine.checkpoint import CheckpointError, CheckpointWriteError
@@ -199,11 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = Trainer(cfg, env, resume=args.resume).fit()
     except (RunDirError, CheckpointError, CheckpointWriteError) as exc:  # one line, not a traceback
+        if debug:
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
         print(f"error: {exc}", file=sys.stderr)
         leave(EXIT_CONFIG)
     except TrainingDiverged as exc:  # agreed by every rank
         print(f"error: training diverged: {exc}", file=sys.stderr)
         leave(EXIT_DIVERGED)
+    except Exception as exc:  # noqa: BLE001 - inside the process group: one line per rank, then exit now
+        report_error(exc, debug, prefix=f"rank {env.rank}: ")
+        leave(EXIT_CONFIG)
     shutdown()
     if env.is_main:
         print(f"{summary['status']}: step {summary['step']}, run directory {summary['run_dir']}")

@@ -56,6 +56,8 @@ class ModelConfig:
     num_parts: int = 4
     # IAEL heads on instance prompts
     iael_heads: bool = True
+    # paper: TransReID/paper network; release: the authors' released code (block depth-2 skipped, see README)
+    layout: Literal["paper", "release"] = "paper"
 
     @property
     def num_prompted_layers(self) -> int:
@@ -340,6 +342,11 @@ def validate(cfg: Config) -> Config:
     need(0.0 <= m.prompt_dropout < 1.0, "model.prompt_dropout", "must be in [0, 1)")
     need(0.0 <= m.drop_path < 1.0, "model.drop_path", "must be in [0, 1)")
     need(m.num_parts >= 1, "model.num_parts", "must be >= 1")
+    if m.layout == "release":
+        need(m.jpm, "model.layout", "release is the authors' JPM network; it needs model.jpm=true")
+        need(m.prompted_layers in (-1, m.depth - 2), "model.layout",
+             f"release prompts exactly blocks 0..depth-3; model.prompted_layers must be -1 or {m.depth - 2}, "
+             f"got {m.prompted_layers}")
     need(tuple(m.img_size) == tuple(d.img_size), "data.img_size",
          f"{d.img_size} must equal model.img_size {m.img_size}")
     need(d.num_instances >= 1, "data.num_instances", "must be >= 1")

@@ -169,5 +169,6 @@ def test_end_to_end_on_tiny_checkpoint(tmp_path, tiny_cfg, capsys):
     res = json.loads((out / "results.json").read_text())
     assert res["results"]["all_single"]["trials"] == 2 and res["results"]["authors_all_single"]["trials"] == 1
     assert res["meta"]["num_test_images"] == len(index["test_records"])
-    for name in ("cmc.png", "tsne_instance_prompts.png", "attention_all_single.png"):
+    for name in ("cmc.png", "tsne_instance_prompts.png", "attention_all_single.png", "ranklist_all_single.png",
+                 "worst_ap_all_single.png", "ranklist_authors_all_single.png"):
         assert (out / name).read_bytes()[:8] == PNG

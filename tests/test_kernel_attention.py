@@ -218,6 +218,46 @@ def test_strided_views_and_expanded_q(device, interpret):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t whose rows start 4 bytes off a 16-byte boundary (head-dim stride still 1)."""
+    buf = torch.zeros(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def test_one_key_loop_and_per_group_loops_agree(interpret):
+    """Aligned rows take the one key loop over [seq | bank | inst] (forward, dq); misaligned ones per-group loops."""
+    from mip_dist.kernels import _backend
+
+    mod = _backend.kernel_module(torch.device("cpu"))
+    B, H, N, S, M, Pm, Pi, D = 2, 2, 23, 37, 2, 5, 16, 32
+    g = torch.Generator().manual_seed(7)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    x = dict(q=r(B, H, N, D), k=r(B, H, S, D), v=r(B, H, S, D), bank_k=r(M, H, Pm, D), bank_v=r(M, H, Pm, D),
+             bank_index=torch.tensor([1, 0]), inst_k=r(B, H, Pi, D), inst_v=r(B, H, Pi, D))
+    groups = ("k", "v", "bank_k", "bank_v", "inst_k", "inst_v")
+    bad = {**x, **{name: _misaligned(x[name]) for name in ("bank_k", "inst_v")}}
+    def one_loop(inputs: dict) -> bool:
+        tensors = tuple(inputs[n] for n in groups)
+        return mod._one_loop_ok(tensors, tuple(t.stride() for t in tensors))
+
+    assert one_loop(x) and not one_loop(bad)
+    do = r(B, H, N, D)
+
+    def run(inputs: dict, impl: str) -> list[torch.Tensor]:
+        # detach keeps the storage offset: the misaligned rows stay misaligned
+        leaves = {n: t.detach().requires_grad_(True) if t.is_floating_point() else t for n, t in inputs.items()}
+        o = prompt_attention(**leaves, impl=impl)
+        grads = torch.autograd.grad(o, [leaves[n] for n in ("q", *groups)], do)
+        return [o, *grads]
+
+    want = run(x, "torch")
+    for inputs in (x, bad):
+        for got, ref in zip(run(inputs, "triton"), want):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(interpret, backend):
     """The custom ops trace without graph breaks (fake-tensor shapes, autograd formula) and run compiled."""

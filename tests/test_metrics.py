@@ -161,19 +161,20 @@ def test_matches_per_query_loop_on_random_problems(protocol):
     assert checked > 60
 
 
-def test_binary_search_bucketing_equals_compare_bucketing(monkeypatch):
-    import mip_dist.eval.metrics as metrics
-
+@pytest.mark.parametrize("protocol", ["sysu", "llcm", "regdb"])
+def test_fast_path_equals_exact_stable_sort_with_many_ties(protocol):
     rng = np.random.default_rng(11)
-    problems = [_random_problem(rng, 40, 60, 4, levels) for levels in (0, 3, 30)]
-    baseline = [rank_metrics(p[0].astype(np.float32), *p[1:], protocol="llcm") for p in problems]
-    monkeypatch.setattr(metrics, "_COMPARE_MAX", 0)  # force searchsorted
-    for p, base in zip(problems, baseline):
-        got = rank_metrics(p[0].astype(np.float32), *p[1:], protocol="llcm")
-        np.testing.assert_allclose(got["cmc"], base["cmc"], atol=1e-12)
-        assert got["mAP"] == pytest.approx(base["mAP"], abs=1e-12)
-        expected = loop_reference(p[0].astype(np.float32), *p[1:], "llcm")
-        assert got["mINP"] == pytest.approx(expected[2], abs=1e-6)
+    for levels in (0, 3, 30):  # no ties, ties everywhere, some ties: tied rows take the exact path
+        dist, q_pids, g_pids, q_cams, g_cams = _random_problem(rng, 40, 60, 4, levels)
+        if protocol == "sysu":
+            q_cams, g_cams = rng.choice([3, 6], 40), rng.choice([1, 2, 4, 5], 60)
+        for dtype in (np.float64, np.float32):
+            d = dist.astype(dtype)
+            fast = rank_metrics(d, q_pids, g_pids, q_cams, g_cams, protocol=protocol)
+            exact = rank_metrics(d, q_pids, g_pids, q_cams, g_cams, protocol=protocol, exact_order=True)
+            np.testing.assert_allclose(fast["cmc"], exact["cmc"], atol=1e-12)
+            assert fast["mAP"] == pytest.approx(exact["mAP"], abs=1e-12)
+            assert fast["mINP"] == pytest.approx(exact["mINP"], abs=1e-12)
 
 
 def test_sysu_sized_problem_and_dtypes():
@@ -204,8 +205,51 @@ def test_gpu_equals_cpu():
         assert gpu["mAP"] == pytest.approx(cpu["mAP"], abs=1e-12)
 
 
-def test_pairwise_distance_is_negative_cosine():
+def test_pairwise_distance_is_negative_cosine_in_float64():
     q, g = torch.randn(5, 8), torch.randn(7, 8)
     d = pairwise_distance(q * 3.0, g)
-    expected = -torch.nn.functional.cosine_similarity(q[:, None], g[None], dim=-1)
-    torch.testing.assert_close(d, expected, atol=1e-6, rtol=0)
+    assert d.dtype == torch.float64
+    expected = -torch.nn.functional.cosine_similarity((q * 3.0)[:, None].double(), g[None].double(), dim=-1)
+    torch.testing.assert_close(d, expected, atol=1e-12, rtol=0)
+
+
+def test_float64_distances_break_the_ties_float32_creates():
+    # Gallery 0 (wrong id) is 1e-4 rad away from the query, gallery 1 (right id) is the query's own
+    # direction. In float32 both cosine similarities round to exactly 1.0: a tie, which the stable
+    # order resolves in favour of gallery 0 (R1 = 0). The references compute in float64, where
+    # gallery 1 is strictly closer (R1 = 1); so must we.
+    query = torch.tensor([[1.0, 0.0]])
+    gallery = torch.tensor([[1.0, 1e-4], [1.0, 0.0]])
+    as_float32 = -(torch.nn.functional.normalize(query, dim=1) @ torch.nn.functional.normalize(gallery, dim=1).t())
+    assert as_float32[0, 0] == as_float32[0, 1]  # the float32 tie this test is about
+    d = pairwise_distance(query, gallery)
+    q64, g64 = query.double().numpy(), gallery.double().numpy()
+    g64 = g64 / np.linalg.norm(g64, axis=1, keepdims=True)
+    reference = -(q64 / np.linalg.norm(q64, axis=1, keepdims=True)) @ g64.T  # the references' float64 numpy
+    assert d[0, 1] < d[0, 0]
+    np.testing.assert_array_equal(np.argsort(d.numpy()[0], kind="stable"), np.argsort(reference[0], kind="stable"))
+    r = rank_metrics(d, [7], [3, 7], [3], [1, 4], protocol="sysu")
+    assert r["cmc"][0] == 1.0 and r["mAP"] == 1.0
+    r32 = rank_metrics(as_float32, [7], [3, 7], [3], [1, 4], protocol="sysu")
+    assert r32["cmc"][0] == 0.0  # what the float32 distances gave
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_one_non_finite_distance_is_refused_even_next_to_removed_entries(bad):
+    rng = np.random.default_rng(3)
+    d = rng.random((6, 8))
+    q_cams, g_cams = [3, 3, 6, 6, 3, 6], [1, 2, 2, 4, 5, 1, 2, 4]
+    d[4, 3] = bad  # a kept entry of a cam3 query whose cam2 entries are removed (+inf internally)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        rank_metrics(d, [1, 2, 3, 1, 2, 3], [1, 2, 3, 1, 2, 3, 1, 2], q_cams, g_cams, protocol="sysu")
+
+
+def test_huge_finite_float64_distances_are_ranked_exactly():
+    rng = np.random.default_rng(4)
+    dist, q_pids, g_pids, q_cams, g_cams = _random_problem(rng, 30, 40, 5, 0)
+    dist[:, ::3] = 1e39 * (1 + rng.random((30, 14)))  # beyond float32's range: +inf once rounded
+    fast = rank_metrics(dist, q_pids, g_pids, q_cams, g_cams, protocol="llcm")
+    exact = rank_metrics(dist, q_pids, g_pids, q_cams, g_cams, protocol="llcm", exact_order=True)
+    np.testing.assert_allclose(fast["cmc"], exact["cmc"], atol=1e-12)
+    assert fast["mAP"] == pytest.approx(exact["mAP"], abs=1e-12)
+    assert fast["mINP"] == pytest.approx(exact["mINP"], abs=1e-12)

@@ -133,13 +133,29 @@ def test_llcm_one_image_per_id_camera():
                     records.append({"key": f"{pid}_{cam}_{mod}_{n}", "pid": pid, "camera": cam, "modality": mod,
                                     "path": f"test_{'nir' if mod == 0 else 'vis'}/cam{cam}/{pid:04d}/{n}.jpg"})
     s = _by_name(build_settings({"dataset": "llcm", "test_records": records}, ["llcm"], trials=4))
-    for name, q_mod in (("infrared_to_visible", 0), ("visible_to_infrared", 1)):
-        st = s[name]
-        assert st.metric == "llcm" and st.seeds == [0, 1, 2, 3]
-        assert st.query.size == sum(r["modality"] == q_mod for r in records)
-        present = {(r["pid"], r["camera"]) for r in records if r["modality"] != q_mod}
-        for g in st.galleries:
-            assert Counter((records[i]["pid"], records[i]["camera"]) for i in g) == {k: 1 for k in present}
+    assert sorted(s) == ["infrared_to_visible", "visible_to_infrared", "visible_to_infrared_literal"]
+    present = {mod: {(r["pid"], r["camera"]) for r in records if r["modality"] == mod} for mod in (0, 1)}
+    n_images = {mod: sum(r["modality"] == mod for r in records) for mod in (0, 1)}
+    ir2vis, vis2ir, literal = s["infrared_to_visible"], s["visible_to_infrared"], s["visible_to_infrared_literal"]
+    for st in s.values():
+        assert st.metric == "llcm" and st.seeds == [0, 1, 2, 3] and st.trials == 4
+    assert ir2vis.headline and vis2ir.headline and not literal.headline
+    # IR->VIS (authors' test_mode=[1,2]): all NIR queries, one VIS image per (id, camera) per trial
+    assert ir2vis.query.size == n_images[0] and ir2vis.query_draws is None
+    for g in ir2vis.galleries:
+        assert Counter((records[i]["pid"], records[i]["camera"]) for i in g) == {k: 1 for k in present[1]}
+    # VIS->IR as published (test_mode=[2,1], roles swapped): drawn NIR queries vs ALL visible images
+    for t in range(4):
+        q = vis2ir.trial_query(t)
+        assert Counter((records[i]["pid"], records[i]["camera"]) for i in q) == {k: 1 for k in present[0]}
+        assert {records[i]["modality"] for i in q} == {0}
+        assert vis2ir.galleries[t].size == n_images[1] and {records[i]["modality"] for i in vis2ir.galleries[t]} == {1}
+        expected = reference_gallery_paths([r for r in records if r["modality"] == 0], [1, 2, 4, 5], t, 1)
+        assert [records[i]["path"] for i in q] == expected  # process_gallery_llcm(mode=2, trial=t), draw for draw
+    # the literal direction: all VIS queries vs one NIR per (id, camera): the same draws on the other side
+    assert literal.query.size == n_images[1]
+    for t in range(4):
+        assert np.array_equal(literal.galleries[t], vis2ir.trial_query(t))
 
 
 def test_draw_gallery_multi_shot_caps_at_group_size():

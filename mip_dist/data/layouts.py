@@ -1,6 +1,12 @@
 """Readers that turn a dataset root (SYSU-MM01, RegDB, LLCM, synthetic) into Records.
 
-Layouts are described in PROTOCOLS.md. Every reader checks what it reads: a missing index file, a
+Layouts, as the datasets ship them (each reader's docstring has the details):
+- SYSU-MM01: cam1..cam6/<pid:04d>/*.jpg, identity lists exp/{train,val,test}_id.txt; cameras 3 and 6
+  are infrared, the others visible.
+- RegDB: Visible/ and Thermal/ trees, `relative/path label` lists idx/{train,test}_{visible,thermal}_<split>.txt.
+- LLCM: idx/train_{vis,nir}.txt lists for training; test ids in idx/test_id.txt, images under
+  test_vis/cam1..9/<pid:04d>/ and test_nir/cam{1,2,4..9}/<pid:04d>/ (no NIR camera 3).
+Every reader checks what it reads: a missing index file, a
 malformed line or an identity with no image at all raises `DatasetError` naming the file and line;
 quirks the real datasets are known to have (an identity missing from some cameras) are counted in a
 `ReadReport` and logged once as a summary warning.

@@ -1,6 +1,6 @@
 """Image decoding and the train / test transforms (torchvision.transforms.v2), shared by the stream and benchmarks.
 
-Train chain (MIP.md / TransReID): resize (bicubic) -> horizontal flip 0.5 -> pad 10 + random crop ->
+Train chain (the MIP paper's, inherited from TransReID): resize (bicubic) -> horizontal flip 0.5 -> pad 10 + random crop ->
 one of [ColorJitter(brightness .3, contrast .3), GaussianBlur(21, sigma 0.1-3)] -> float, normalise
 (mean = std = 0.5) -> RandomErasing(0.5, random values) -> RandomGrayscale(0.5).
 RandomGrayscale runs on the normalised tensor; since mean and std are equal for all three channels

@@ -5,8 +5,10 @@
 passed to the model 0-based), optionally averaging with the horizontally flipped image. When a
 process group is up, each rank extracts the share its loader yields and the shares are gathered,
 ordered by key and de-duplicated, so every rank ends with the same features and no image counts
-twice (the trainer, which evaluates on rank 0 only, asks for no gathering). `evaluate_features` then runs every Setting of the requested protocols from those features
-(query features once, galleries indexed per trial); `evaluate` chains the two for the trainer and
+twice (the trainer, which evaluates on rank 0 only, asks for no gathering). `evaluate_features` then
+runs every Setting of the requested protocols from those features: one float64 distance matrix per
+setting between all its candidate queries and gallery images, each trial's queries (drawn per trial
+for LLCM VIS->IR) and gallery cut from it; `evaluate` chains the two for the trainer and
 `launch/evaluate.py`.
 """
 from __future__ import annotations
@@ -144,6 +146,21 @@ def _summarise(per_trial: list[dict], max_rank: int) -> dict:
     return out
 
 
+def _cached_distances(cache: dict, feats: torch.Tensor, rows: torch.Tensor, s: Setting, query: np.ndarray,
+                      gallery: np.ndarray, device: torch.device) -> torch.Tensor:
+    """One trial's [query, gallery] distances, cut from the setting's all-candidates matrix (computed once)."""
+    q_union = np.unique(np.concatenate(s.query_draws) if s.query_draws is not None else s.query)
+    g_union = np.unique(np.concatenate(s.galleries))
+    key = q_union.tobytes() + b"|" + g_union.tobytes()
+    if key not in cache:
+        cache[key] = (pairwise_distance(feats[rows[q_union]].to(device), feats[rows[g_union]].to(device)),
+                      q_union, g_union)
+    full, q_all, g_all = cache[key]
+    g_cols = torch.as_tensor(np.searchsorted(g_all, gallery), device=device)
+    q_rows = torch.as_tensor(np.searchsorted(q_all, query), device=device)
+    return full.index_select(1, g_cols).index_select(0, q_rows)
+
+
 def evaluate_features(feats: torch.Tensor, keys: Sequence[str], index: dict, protocols: Sequence[str], *,
                       trials: int = 10, max_rank: int = 20, rerank: bool = False,
                       device: torch.device | str = "cpu") -> dict:
@@ -158,29 +175,22 @@ def evaluate_features(feats: torch.Tensor, keys: Sequence[str], index: dict, pro
     settings = build_settings(index, protocols, trials)
 
     results: dict[str, Any] = {}
-    dist_cache: dict[bytes, tuple[torch.Tensor, dict[int, int]]] = {}
+    dist_cache: dict[bytes, tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
     for s in settings:
         t0 = time.perf_counter()
-        q_feat = feats[rows[s.query]].to(device)
-        union = np.unique(np.concatenate(s.galleries))
-        cache_key = s.query.tobytes() + union.tobytes()
-        if not rerank and cache_key not in dist_cache:  # distances to every candidate, once
-            dist_cache[cache_key] = (pairwise_distance(q_feat, feats[rows[union]].to(device)),
-                                     {int(r): c for c, r in enumerate(union)})
         per_trial = []
-        for gallery in s.galleries:
-            g_feat = feats[rows[gallery]].to(device)
+        for trial, gallery in enumerate(s.galleries):
+            query = s.trial_query(trial)
             if rerank:
-                distmat = re_ranking(q_feat, g_feat)
+                distmat = re_ranking(feats[rows[query]].to(device), feats[rows[gallery]].to(device))
             else:
-                full, col = dist_cache[cache_key]
-                distmat = full[:, torch.as_tensor([col[int(r)] for r in gallery], device=device)]
-            per_trial.append(rank_metrics(distmat, pids[s.query], pids[gallery], cams[s.query], cams[gallery],
+                distmat = _cached_distances(dist_cache, feats, rows, s, query, gallery, device)
+            per_trial.append(rank_metrics(distmat, pids[query], pids[gallery], cams[query], cams[gallery],
                                           protocol=s.metric, max_rank=max_rank))
         summary = _summarise(per_trial, max_rank)
         summary.update({
             "trials": s.trials, "seeds": list(s.seeds), "protocol": s.protocol, "metric": s.metric,
-            "description": s.description, "num_query": int(s.query.size),
+            "description": s.description, "num_query": int(s.trial_query(0).size), "headline": s.headline,
             "num_gallery": int(s.galleries[0].size), "rerank": rerank,
             "per_trial": [{"seed": seed, "R1": float(m["cmc"][0] * 100), "mAP": float(m["mAP"] * 100),
                            "mINP": float(m["mINP"] * 100)} for seed, m in zip(s.seeds, per_trial)],

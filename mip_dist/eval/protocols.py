@@ -21,9 +21,20 @@ Protocols:
   from this variant can never be mistaken for the standard protocol.
 - `regdb`: visible->thermal and thermal->visible on the index's split: every test image of one
   modality against every test image of the other; no trials, no removal; metric "regdb".
-- `llcm`: infrared->visible and visible->infrared: every test image of the query modality; the
-  gallery is one random image per (identity, camera) of the other modality, `trials` trials;
-  metric "llcm" (same identity and camera removal, unique-identity CMC).
+- `llcm`: the LLCM authors' test script (ZYK100/LLCM `test.py` with `process_query_llcm` /
+  `process_gallery_llcm`), both directions as they evaluate them; metric "llcm" (same identity and
+  camera removal, unique-identity CMC), `trials` trials (seed = trial):
+  - `infrared_to_visible` (their `test_mode=[1, 2]`): every near-infrared test image is a query;
+    the gallery is one visible image per (identity, camera), drawn per trial.
+  - `visible_to_infrared` (their `test_mode=[2, 1]`, the published VIS->IR column): their script
+    draws one near-infrared image per (identity, camera) per trial and then SWAPS the roles in the
+    distance matrix (`eval_llcm(-gall @ query.T, gall_label, query_label, ...)`): the drawn
+    near-infrared images are the ranked queries and ALL visible test images are the gallery. We
+    reproduce exactly that, so the numbers compare with published LLCM VIS->IR tables.
+  - `visible_to_infrared_literal` (extra, NOT comparable with published tables): the direction
+    the name says, every visible test image as a query against one near-infrared image per
+    (identity, camera) per trial. Kept because it is what a deployment searching visible queries
+    in an infrared gallery sees.
 """
 from __future__ import annotations
 
@@ -58,16 +69,22 @@ class Setting:
     name: str  # e.g. "all_single", "visible_to_thermal", "authors_all_single"
     protocol: str  # the family it came from: sysu | sysu_authors | regdb | llcm
     metric: str  # rank_metrics protocol: sysu | llcm | regdb | plain
-    query: np.ndarray  # int64 positions into index["test_records"]
+    query: np.ndarray  # int64 positions into index["test_records"] (every trial's, or the union of query_draws)
     galleries: list[np.ndarray]  # one int64 position array per trial
     seeds: list[Optional[int]]  # seed of each trial's gallery draw (None: no randomness)
     description: str = ""
     counts: dict = field(default_factory=dict)  # sizes, for logs and results.json
+    query_draws: Optional[list[np.ndarray]] = None  # per-trial queries when the QUERY side is drawn
+    headline: bool = True  # False: an extra view that no published table reports
 
     @property
     def trials(self) -> int:
         """Number of gallery draws."""
         return len(self.galleries)
+
+    def trial_query(self, trial: int) -> np.ndarray:
+        """Queries of one trial: the drawn ones when the protocol draws the query side, else `query`."""
+        return self.query_draws[trial] if self.query_draws is not None else self.query
 
 
 class _Table:
@@ -183,29 +200,53 @@ def regdb_settings(records: Sequence[dict], split: Optional[int] = None) -> list
     return out
 
 
+def _llcm_side(t: _Table, modality: int, what: str) -> tuple[np.ndarray, list[list[int]]]:
+    """All test images of one LLCM modality and their (identity, camera) groups; raises when empty."""
+    idx = t.select(modality)
+    if idx.size == 0:
+        name = "near-infrared" if modality == INFRARED else "visible"
+        raise ProtocolError(f"protocol 'llcm' ({what}) needs {name} test records; the index has none")
+    cameras = sorted(set(t.cam[idx].tolist()))
+    return idx, t.groups(idx, cameras)
+
+
+def _llcm_draws(groups: list[list[int]], trials: int, what: str) -> list[np.ndarray]:
+    """One image per (identity, camera) per trial, drawn like `process_gallery_llcm(trial=t)`."""
+    draws = [draw_gallery(groups, s, 1) for s in range(trials)]
+    for d in draws:
+        _check_gallery(what, d, groups, 1)
+    return draws
+
+
 def llcm_settings(records: Sequence[dict], trials: int = 10) -> list[Setting]:
-    """LLCM infrared->visible and visible->infrared: one gallery image per (id, camera), trials."""
+    """LLCM as the authors' test script runs it: IR->VIS, VIS->IR (roles swapped), plus the literal VIS->IR."""
     t = _Table(records)
-    out = []
-    for name, q_mod, g_mod in (("infrared_to_visible", INFRARED, VISIBLE),
-                               ("visible_to_infrared", VISIBLE, INFRARED)):
-        query = t.select(q_mod)
-        candidates = t.select(g_mod)
-        if query.size == 0 or candidates.size == 0:
-            raise ProtocolError(f"protocol 'llcm' ({name}) needs test records of both modalities; the index "
-                                f"has {query.size} query-side and {candidates.size} gallery-side")
-        cameras = sorted(set(t.cam[candidates].tolist()))
-        groups = t.groups(candidates, cameras)
-        seeds = list(range(trials))
-        galleries = [draw_gallery(groups, s, 1) for s in seeds]
-        for g in galleries:
-            _check_gallery(name, g, groups, 1)
-        out.append(Setting(
-            name=name, protocol="llcm", metric="llcm", query=query, galleries=galleries, seeds=seeds,
-            description=(f"LLCM {name.replace('_', ' ')}: {trials} random galleries of one image per "
-                         "(identity, camera), same identity+camera removal, unique-identity CMC"),
-            counts={"query": int(query.size), "gallery": int(galleries[0].size), "gallery_groups": len(groups)}))
-    return out
+    seeds = list(range(trials))
+    nir, nir_groups = _llcm_side(t, INFRARED, "near-infrared side")
+    vis, vis_groups = _llcm_side(t, VISIBLE, "visible side")
+    vis_draws = _llcm_draws(vis_groups, trials, "infrared_to_visible")
+    nir_draws = _llcm_draws(nir_groups, trials, "visible_to_infrared")
+    rule = "same identity+camera removal, unique-identity CMC"
+    return [
+        Setting(name="infrared_to_visible", protocol="llcm", metric="llcm", query=nir, galleries=vis_draws,
+                seeds=list(seeds),
+                description=(f"LLCM IR->VIS as published (authors' test_mode=[1,2]): all near-infrared queries, "
+                             f"{trials} random galleries of one visible image per (identity, camera), {rule}"),
+                counts={"query": int(nir.size), "gallery": int(vis_draws[0].size), "gallery_groups": len(vis_groups)}),
+        Setting(name="visible_to_infrared", protocol="llcm", metric="llcm",
+                query=np.unique(np.concatenate(nir_draws)), galleries=[vis] * trials, seeds=list(seeds),
+                query_draws=nir_draws,
+                description=(f"LLCM VIS->IR as published (authors' test_mode=[2,1], roles swapped): per trial, "
+                             f"one near-infrared image per (identity, camera) is ranked against ALL visible "
+                             f"test images, {trials} trials, {rule}"),
+                counts={"query": int(nir_draws[0].size), "gallery": int(vis.size), "query_groups": len(nir_groups)}),
+        Setting(name="visible_to_infrared_literal", protocol="llcm", metric="llcm", query=vis, galleries=nir_draws,
+                seeds=list(seeds), headline=False,
+                description=(f"LLCM literal VIS->IR (extra, not comparable with published tables): all visible "
+                             f"queries, {trials} random galleries of one near-infrared image per (identity, "
+                             f"camera), {rule}"),
+                counts={"query": int(vis.size), "gallery": int(nir_draws[0].size), "gallery_groups": len(nir_groups)}),
+    ]
 
 
 def build_settings(index: dict, protocols: Sequence[str], trials: int = 10) -> list[Setting]:
@@ -236,6 +277,6 @@ def build_settings(index: dict, protocols: Sequence[str], trials: int = 10) -> l
     if len(set(names)) != len(names):
         raise ProtocolError(f"protocols {list(protocols)} were requested more than once")
     for s in settings:
-        log.info("setting %s: %d queries, %d gallery images x %d trials (%s)", s.name, s.query.size,
+        log.info("setting %s: %d queries, %d gallery images x %d trials (%s)", s.name, s.trial_query(0).size,
                  s.galleries[0].size, s.trials, s.metric)
     return settings

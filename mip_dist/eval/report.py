@@ -15,22 +15,71 @@ TABLE_COLUMNS = ("R1", "R10", "R20", "mAP", "mINP")
 LOSS_KEYS = ("loss", "id", "triplet", "msel", "iael")  # total first, then MIPLoss's named parts
 
 
+AGGREGATE_KEYS = ("R1", "R5", "R10", "R20", "mAP", "mINP")
+
+
+def _count(res: dict) -> int:
+    """How many values a row's mean is over: splits for an aggregate row, else trials."""
+    return int(res.get("splits", res["trials"]))
+
+
 def format_table(results: dict) -> str:
-    """Setting | trials | R1 | R10 | R20 | mAP | mINP, each 'mean ± std' when there were several trials."""
+    """Setting | trials (or splits) | R1 | R10 | R20 | mAP | mINP, 'mean ± std' when over several values."""
     rows = []
     for name, res in results.items():
         if not isinstance(res, dict):
             continue
-        cells = [f"{res[c]:6.2f} ± {res[c + '_std']:4.2f}" if res["trials"] > 1 else f"{res[c]:6.2f}"
+        cells = [f"{res[c]:6.2f} ± {res[c + '_std']:4.2f}" if _count(res) > 1 else f"{res[c]:6.2f}"
                  for c in TABLE_COLUMNS]
-        rows.append([name, str(res["trials"])] + cells)
-    head = ["setting", "trials", *TABLE_COLUMNS]
+        rows.append([name, str(_count(res))] + cells)
+    per = "splits" if any(isinstance(r, dict) and "splits" in r for r in results.values()) else "trials"
+    head = ["setting", per, *TABLE_COLUMNS]
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
 
     def line(r: list[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
     return "\n".join([line(head), "-" * len(line(head))] + [line(r) for r in rows])
+
+
+def aggregate_splits(per_split: list[dict]) -> dict:
+    """Mean and population std (ddof=0) over splits of each setting's per-split mean, as RegDB papers report.
+
+    Each input is one model's `evaluate_features` result (itself a mean over its trials). Settings
+    missing from any split are left out, so every aggregate is over the same splits.
+    """
+    if not per_split:
+        raise ValueError("aggregate_splits: no split results given")
+    names = [n for n, r in per_split[0].items() if isinstance(r, dict) and all(isinstance(s.get(n), dict)
+                                                                               for s in per_split)]
+    out: dict[str, Any] = {}
+    for name in names:
+        rows = [s[name] for s in per_split]
+        agg: dict[str, Any] = {"splits": len(rows), "trials": rows[0]["trials"],
+                               "description": rows[0].get("description", ""), "headline": rows[0].get("headline", True),
+                               "per_split": {}}
+        for key in AGGREGATE_KEYS:
+            if all(key in r for r in rows):
+                values = np.asarray([float(r[key]) for r in rows])
+                agg[key], agg[f"{key}_std"] = float(values.mean()), float(values.std())
+                agg["per_split"][key] = values.tolist()
+        agg["cmc"] = np.mean([np.asarray(r["cmc"], dtype=np.float64) for r in rows], axis=0).tolist()
+        out[name] = agg
+    for name in names:
+        for key in TABLE_COLUMNS:
+            out[f"{name}/{key}"] = out[name][key]
+    return out
+
+
+def write_aggregate(per_split: list[dict], aggregate: dict, metas: list[dict], out_dir: str | Path) -> Path:
+    """results.json with {"meta", "splits": [{"meta", "results"}...], "aggregate"} for a multi-split evaluation."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    doc = {"meta": {"num_splits": len(per_split), "std": "population (ddof=0) over splits"},
+           "splits": [{"meta": m, "results": r} for m, r in zip(metas, per_split)], "aggregate": aggregate}
+    path.write_text(json.dumps(doc, indent=2))
+    return path
 
 
 def write_results(results: dict, out_dir: str | Path, meta: dict[str, Any], title: str = "CMC") -> list[Path]:

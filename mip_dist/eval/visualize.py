@@ -1,4 +1,4 @@
-"""Readable evaluation figures: CMC curves, t-SNE of instance prompts, CLS attention overlays (paper Figs. 3-4).
+"""Readable evaluation figures: CMC curves, rank lists, t-SNE of instance prompts, CLS attention overlays.
 
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas, never through pyplot, so no
 global backend is switched and nothing needs a display.
@@ -197,3 +197,102 @@ def plot_attention_pairs(model: torch.nn.Module, pairs: Sequence[tuple[dict, dic
             ax.set_title("CLS attention" + ("" if col == 0 else (" - match" if ok else " - wrong")), fontsize=7)
             ax.axis("off")
     return _save(fig, path)
+
+
+FRAME_COLOURS = {True: (0.0, 1.0, 0.0), False: (1.0, 0.0, 0.0)}  # same identity: green, otherwise red
+RANK_LIST_TOP = 10
+
+
+def _removed(metric: str, q_pid: int, q_cam: int, g_pids: np.ndarray, g_cams: np.ndarray) -> np.ndarray:
+    """Gallery entries the metric's removal rule drops for this query (what the scores never see)."""
+    if metric == "sysu":
+        return (g_cams == 2) & (q_cam == 3)
+    if metric == "llcm":
+        return (g_pids == q_pid) & (g_cams == q_cam)
+    return np.zeros(g_pids.shape, dtype=bool)
+
+
+def _average_precision(same: np.ndarray) -> float:
+    """AP of one kept ranked list given its same-identity flags (0 when it holds no match)."""
+    pos = np.flatnonzero(same) + 1.0
+    return float(np.mean(np.arange(1, pos.size + 1) / pos)) if pos.size else 0.0
+
+
+def rank_lists(feats: torch.Tensor, row_of: dict[str, int], records: Sequence[dict], setting,
+               num_queries: int = 8, num_worst: int = 8, top: int = RANK_LIST_TOP, trial: int = 0) -> dict:
+    """Top-`top` kept gallery entries of sample queries and of the lowest-AP queries of one trial.
+
+    Ranks like the metric (float64 distances, stable order, the setting's removal rule applied).
+    Returns {"sample": [...], "worst": [...]}, each entry {"key", "pid", "camera", "ap", "gallery":
+    [{"key", "pid", "camera", "distance", "same"}]}; queries without a true match are not listed.
+    """
+    from .metrics import pairwise_distance
+
+    query, gallery = setting.trial_query(trial), setting.galleries[trial]
+    q_rec = [records[i] for i in query]
+    g_rec = [records[i] for i in gallery]
+    dist = pairwise_distance(feats[[row_of[r["key"]] for r in q_rec]],
+                             feats[[row_of[r["key"]] for r in g_rec]]).cpu().numpy()
+    g_pids = np.asarray([int(r["pid"]) for r in g_rec])
+    g_cams = np.asarray([int(r["camera"]) for r in g_rec])
+    entries = []
+    for qi, r in enumerate(q_rec):
+        order = np.argsort(dist[qi], kind="stable")
+        order = order[~_removed(setting.metric, int(r["pid"]), int(r["camera"]), g_pids[order], g_cams[order])]
+        same = g_pids[order] == int(r["pid"])
+        if not same.any():
+            continue
+        entries.append({"key": r["key"], "pid": int(r["pid"]), "camera": int(r["camera"]),
+                        "ap": _average_precision(same),
+                        "gallery": [{"key": g_rec[g]["key"], "pid": int(g_pids[g]), "camera": int(g_cams[g]),
+                                     "distance": float(dist[qi, g]), "same": bool(s)}
+                                    for g, s in zip(order[:top], same[:top])]})
+    pick = np.unique(np.linspace(0, len(entries) - 1, min(num_queries, len(entries))).astype(int)) if entries else []
+    worst = sorted(range(len(entries)), key=lambda i: (entries[i]["ap"], i))[:num_worst]
+    return {"sample": [entries[i] for i in pick], "worst": [entries[i] for i in worst]}
+
+
+def keys_in(lists: dict) -> set[str]:
+    """Every image key a rank-list figure needs (queries and their listed gallery entries)."""
+    return {k for part in lists.values() for e in part for k in [e["key"]] + [g["key"] for g in e["gallery"]]}
+
+
+def _framed(image: Optional[dict], colour: Optional[tuple[float, float, float]], size: tuple[int, int]) -> np.ndarray:
+    """[H, W, 3] display image (grey when missing) inside a solid frame of `colour` (none for a query)."""
+    img = _to_display(image["image"]) if image is not None else np.full((*size, 3), 0.5)
+    if colour is None:
+        return img
+    border = max(3, img.shape[0] // 16)
+    out = np.empty((img.shape[0] + 2 * border, img.shape[1] + 2 * border, 3))
+    out[:] = colour
+    out[border:-border, border:-border] = img
+    return out
+
+
+def plot_rank_lists(entries: Sequence[dict], images: dict[str, dict], path: str | Path, title: str = "",
+                    top: int = RANK_LIST_TOP) -> Path:
+    """One row per query: the query, then its top-`top` gallery images framed green (same id) or red.
+
+    Each gallery cell is titled with its id, camera and distance; the query cell with its id, camera and
+    AP. Cells sit on a fixed grid (column j spans [j, j+1] / (top + 1) of the width), so tools and
+    tests can find each cell's frame.
+    """
+    rows = max(1, len(entries))
+    cols = top + 1
+    size = next((tuple(v["image"].shape[-2:]) for v in images.values()), (128, 64))
+    fig = Figure(figsize=(cols * 1.0, rows * 2.3 + 0.4))
+    for r, e in enumerate(entries):
+        cells = [(e, None, f"query id {e['pid']}\ncam{e['camera']} AP {e['ap']:.2f}")]
+        cells += [(g, FRAME_COLOURS[g["same"]], f"id {g['pid']} cam{g['camera']}\nd={g['distance']:.3f}") for g in e["gallery"]]
+        for c, (item, colour, label) in enumerate(cells):
+            ax = fig.add_axes((c / cols + 0.005, 1 - (r + 1) / rows * 0.9 - 0.02, 1 / cols - 0.01, 0.9 / rows * 0.78))
+            ax.imshow(_framed(images.get(item["key"]), colour, size), interpolation="nearest", aspect="auto")
+            ax.set_title(label, fontsize=6)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=8, y=0.995)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100)
+    return path

@@ -6,12 +6,15 @@ from torch import nn
 
 
 class BNNeckHead(nn.Module):
-    """BatchNorm1d with a frozen bias, then a bias-free Linear over the identity classes."""
+    """BatchNorm1d with a frozen bias (BNNeck), then a bias-free Linear over the identity classes.
 
-    def __init__(self, dim: int, num_classes: int) -> None:
+    `train_bias=True` keeps the BN bias trainable: the authors' released IAEL heads do (model.layout=release).
+    """
+
+    def __init__(self, dim: int, num_classes: int, train_bias: bool = False) -> None:
         super().__init__()
         self.bn = nn.BatchNorm1d(dim)
-        self.bn.bias.requires_grad_(False)
+        self.bn.bias.requires_grad_(train_bias)
         self.classifier = nn.Linear(dim, num_classes, bias=False)
         self.init_weights()
 

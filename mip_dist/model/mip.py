@@ -92,6 +92,10 @@ class MIP(nn.Module):
     Blocks 0..L-1 are prompted (fresh prompts per layer, prompt outputs discarded). With JPM the last
     backbone block exists only as its two copies `b1` (global) and `b2` (local parts), so `blocks` holds
     depth-1 blocks; without JPM `blocks` holds all of them followed by `norm`.
+
+    `model.layout=release` is the authors' released network: their prompted loop returns before block
+    depth-2, so the last entry of `blocks` is kept (loaded, frozen: it gets no gradient there either) but
+    never run; the IPG block has no drop-path and the IAEL BN biases train (see the README's fidelity table).
     """
 
     num_prefix_tokens = 1  # read by timm's checkpoint_filter_fn
@@ -118,7 +122,9 @@ class MIP(nn.Module):
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         dpr = torch.linspace(0.0, cfg.drop_path, cfg.depth).tolist()  # stochastic depth rule
         n_blocks = cfg.depth - 1 if cfg.jpm else cfg.depth
+        self.release = cfg.layout == "release"
         self.blocks = nn.ModuleList([_make_block(cfg, dpr[i]) for i in range(n_blocks)])
+        self.num_run_blocks = n_blocks - 1 if self.release else n_blocks  # release: theirs returns at depth-2
         if cfg.jpm:
             self.norm = None
             self.b1 = FinalBlock(_make_block(cfg, dpr[-1]), LayerNorm(C, eps=1e-6))
@@ -132,17 +138,20 @@ class MIP(nn.Module):
         self.ipg: Optional[nn.Module] = None
         if cfg.use_ipg and L:
             if cfg.ipg_mode == "generation":
-                self.ipg = GenerationIPG(_make_block(cfg, dpr[-1]), cfg.num_instance_prompts, C)
+                ipg_drop_path = 0.0 if self.release else dpr[-1]  # theirs: a deep copy of block 0 (drop-path 0)
+                self.ipg = GenerationIPG(_make_block(cfg, ipg_drop_path), cfg.num_instance_prompts, C)
             else:
                 self.ipg = FusionIPG(L, cfg.num_instance_prompts, cfg.ipg_fusion_bank, C, cfg.patch_size)
         self.heads = nn.ModuleList([BNNeckHead(C, num_classes) for _ in range(1 + self.num_parts)])
-        self.iael_heads = (nn.ModuleList([BNNeckHead(C, num_classes) for _ in range(L)])
+        self.iael_heads = (nn.ModuleList([BNNeckHead(C, num_classes, train_bias=self.release) for _ in range(L)])
                            if self.ipg is not None and cfg.iael_heads else None)
         self.attention_impl = attention_impl
         self.apply(init_weights_vit_timm)  # children first, so modules' own init_weights() win
         self._init_embeddings()
         if cfg.jpm:
             self.b2.load_state_dict(self.b1.state_dict())  # b1, b2: copies of the same last block
+        if self.release:
+            self.blocks[-1].requires_grad_(False)  # never run: no gradient, so no optimizer state either
 
     @staticmethod
     def _check(cfg: ModelConfig, num_classes: int, num_cameras: int) -> None:
@@ -157,6 +166,9 @@ class MIP(nn.Module):
         if cfg.jpm and cfg.num_prompted_layers > cfg.depth - 1:
             raise ValueError(f"model.prompted_layers={cfg.num_prompted_layers}: with JPM at most depth-1 "
                              f"({cfg.depth - 1}) blocks can be prompted")
+        if cfg.layout == "release" and (not cfg.jpm or cfg.num_prompted_layers != cfg.depth - 2):
+            raise ValueError(f"model.layout=release is the authors' JPM network with blocks 0..depth-3 prompted; "
+                             f"got jpm={cfg.jpm}, prompted layers {cfg.num_prompted_layers} (need {cfg.depth - 2})")
 
     def _init_embeddings(self) -> None:
         """TransReID: CLS, position and camera embeddings ~ trunc_normal(0.02)."""
@@ -247,7 +259,8 @@ class MIP(nn.Module):
         x = self.embed(images, camera)
         bank_all = self.mpl() if self.mpl is not None else None  # [2, L, Pm, C], once per step
         inst_means: list[Tensor] = []
-        for i, blk in enumerate(self.blocks):
+        for i in range(self.num_run_blocks):
+            blk = self.blocks[i]
             bank = inst = None
             if i < self.num_prompted:
                 bank = bank_all[:, i] if bank_all is not None else None
@@ -299,7 +312,7 @@ class MIP(nn.Module):
 
         The softmax runs over all keys the block sees (prompts included); only the patch columns are returned.
         """
-        index = self.num_prompted - 1 if self.num_prompted else len(self.blocks) - 1
+        index = self.num_prompted - 1 if self.num_prompted else self.num_run_blocks - 1
         st = self._trunk(images, modality, camera, stop_at=index)
         blk = self.blocks[index]
         x = st.tokens

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 
-def _unwrap(obj: object, path: str) -> dict[str, Tensor]:
+def unwrap_state_dict(obj: object, path: str) -> dict[str, Tensor]:
     """A plain state dict from {"model": sd} / {"state_dict": sd} wrappers and DDP "module." prefixes."""
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -74,9 +74,9 @@ def read_checkpoint(path: str) -> dict[str, Tensor]:
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return _unwrap(load_file(path, device="cpu"), path)
+        return unwrap_state_dict(load_file(path, device="cpu"), path)
     if suffix in (".pth", ".pt", ".bin"):
-        return _unwrap(_load_torch_file(path), path)
+        return unwrap_state_dict(_load_torch_file(path), path)
     raise ValueError(f"model.pretrained: {path} has unknown extension {suffix!r}; "
                      "use .pth/.pt/.bin, .safetensors, .npz or timm:<name>")
 
@@ -98,7 +98,9 @@ def load_pretrained(model: nn.Module, path: str) -> dict[str, list[str]]:
     Keys go through timm's `checkpoint_filter_fn` (wrappers, old layouts, patch-kernel resampling) with
     bilinear, non-antialiased position-embedding resampling to the model's grid (CLS kept, as TransReID).
     The overlapping patch conv loads as is (same kernel, different stride). With JPM, b1 and b2 both
-    receive the checkpoint's block depth-1 and final norm (the "copies made after loading").
+    receive the checkpoint's block depth-1 and final norm (the "copies made after loading"). A file in our own
+    names (an exported or converted MIP) loads name for name, for fine-tuning; its identity classifiers are
+    left at init when the class count differs.
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -111,8 +113,14 @@ def load_pretrained(model: nn.Module, path: str) -> dict[str, list[str]]:
                if k in shapes and shapes[k] != tuple(v.shape)]
     target, used, missing = {}, set(), []
     for name, param in model.state_dict().items():
-        src = _source_key(name, model.cfg.depth, model.cfg.jpm)
+        # a file holding our own names (an exported or converted MIP, for fine-tuning) is read as is
+        src = name if name in sd else _source_key(name, model.cfg.depth, model.cfg.jpm)
         if src not in sd:
+            missing.append(name)
+            continue
+        if tuple(sd[src].shape) != tuple(param.shape) and param_category(name) == "head":
+            log.warning("'%s' has shape %s, the model needs %s (another identity count): left at init",
+                        src, tuple(sd[src].shape), tuple(param.shape))
             missing.append(name)
             continue
         if tuple(sd[src].shape) != tuple(param.shape):
