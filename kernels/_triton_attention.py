@@ -103,6 +103,13 @@ def _fwd_group(acc, l_i, m_i, q, K, V, skn, skd, svn, svd, L, qk_scale,
 
 
 @triton.jit
+def _virtual_rows(j, S, PM, X, BX, IX, sxn, sbxn, sixn):
+    """Row pointers of virtual keys j over [seq | bank | inst] in one tensor family (keys or values)."""
+    jb = j - S
+    return tl.where(j < S, X + j * sxn, tl.where(jb < PM, BX + jb * sbxn, IX + (jb - PM) * sixn))
+
+
+@triton.jit
 def _fwd_one_loop(acc, l_i, m_i, q, K, V, BK, BV, IK, IV, skn, svn, sbkn, sbvn, sikn, sivn, skd, svd,
                   S, PM, PI, qk_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
@@ -113,10 +120,8 @@ def _fwd_one_loop(acc, l_i, m_i, q, K, V, BK, BV, IK, IV, skn, svn, sbkn, sbvn, 
     for start in range(0, total, BLOCK_N):
         j = start + offs_n
         col_ok = j < total
-        jb = j - S
-        ji = jb - PM
-        kcol = tl.where(j < S, K + j * skn, tl.where(jb < PM, BK + jb * sbkn, IK + ji * sikn))
-        vcol = tl.where(j < S, V + j * svn, tl.where(jb < PM, BV + jb * sbvn, IV + ji * sivn))
+        kcol = _virtual_rows(j, S, PM, K, BK, IK, skn, sbkn, sikn)
+        vcol = _virtual_rows(j, S, PM, V, BV, IV, svn, sbvn, sivn)
         # the pointer select hides alignment from Triton's analysis; without these hints the loads are
         # not pipelined (no cp.async). The host sets ONE_LOOP only when they hold (_one_loop_ok).
         kp = tl.max_contiguous(tl.multiple_of(kcol[None, :] + offs_d[:, None] * skd, [16, 1]), [BLOCK_D, 1])
@@ -251,10 +256,8 @@ def _bwd_dq_one_loop(dq, q, do, lse, delta, K, V, BK, BV, IK, IV, skn, svn, sbkn
     for start in range(0, total, BLOCK_N):
         j = start + offs_n
         col_ok = j < total
-        jb = j - S
-        ji = jb - PM
-        kcol = tl.where(j < S, K + j * skn, tl.where(jb < PM, BK + jb * sbkn, IK + ji * sikn))
-        vcol = tl.where(j < S, V + j * svn, tl.where(jb < PM, BV + jb * sbvn, IV + ji * sivn))
+        kcol = _virtual_rows(j, S, PM, K, BK, IK, skn, sbkn, sikn)
+        vcol = _virtual_rows(j, S, PM, V, BV, IV, svn, sbvn, sivn)
         kp = tl.max_contiguous(tl.multiple_of(kcol[None, :] + offs_d[:, None] * skd, [16, 1]), [BLOCK_D, 1])
         vp = tl.max_contiguous(tl.multiple_of(vcol[None, :] + offs_d[:, None] * svd, [16, 1]), [BLOCK_D, 1])
         kt = tl.load(kp, mask=col_ok[None, :], other=0.0)

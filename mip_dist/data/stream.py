@@ -476,6 +476,7 @@ class _EpochShare(IterableDataset):
                 "pid": torch.tensor([s.label for s, _ in pairs], dtype=torch.int64),
                 "camera": torch.tensor([s.camera - 1 for s, _ in pairs], dtype=torch.int64),
                 "modality": torch.tensor([s.modality for s, _ in pairs], dtype=torch.int64),
+                "key": [s.key for s, _ in pairs],  # shard keys, for debugging and hard-example logging
                 "sources": [(s.url, s.key) for s, _ in pairs],  # names a bad sample in errors
                 "_stats": {"worker": w, "errors": counter.errors, "seen": counter.seen},
             }
@@ -486,7 +487,9 @@ class TrainStream:
 
     Batches: images float32 [B, 3, H, W] (normalised, mean = std = 0.5), pid int64 contiguous train
     labels, camera int64 0-based (dataset camera - 1), modality int64 (0 infrared, 1 visible); the
-    first B/2 images are visible (P identities x K), the last B/2 infrared in the same identity order.
+    first B/2 images are visible (P identities x K), the last B/2 infrared in the same identity order;
+    key: the samples' shard keys (list of str), sources: their (shard, key) pairs (the trainer uses
+    them only to name a bad sample).
     """
 
     def __init__(self, spec: _StreamSpec, workers: int, index: Optional[dict]) -> None:
