@@ -11,6 +11,9 @@ from typing import Any, Iterator, Literal, Optional, Union
 
 import yaml
 
+from mip_dist.kernels import IMPLS as KERNEL_IMPLS
+from mip_dist.kernels import TRITON_HEAD_DIMS
+
 
 class ConfigError(ValueError):
     """A configuration key, type or value that cannot be used; the message names the key."""
@@ -65,11 +68,14 @@ class ModelConfig:
         return self.depth - 2 if self.prompted_layers < 0 else self.prompted_layers
 
 
+ATTENTION_IMPLS = (*KERNEL_IMPLS, "concat")  # the kernel's paths, plus the literal token concatenation
+
+
 @dataclass
 class AttentionConfig:
     """How prompt-concatenated attention is computed (see kernels/)."""
 
-    impl: Literal["auto", "triton", "torch", "concat"] = "auto"
+    impl: Literal[ATTENTION_IMPLS] = "auto"
     deterministic: bool = False
 
 
@@ -320,8 +326,10 @@ def validate(cfg: Config) -> Config:
 
     need(m.embed_dim % m.num_heads == 0, "model.embed_dim",
          f"{m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
-    need(m.embed_dim // m.num_heads in (16, 32, 64, 128), "model.num_heads",
-         f"head dim {m.embed_dim // m.num_heads} must be one of 16, 32, 64, 128")
+    if cfg.attention.impl == "triton":  # auto falls back to the PyTorch path for other head dims
+        need(m.embed_dim // m.num_heads in TRITON_HEAD_DIMS, "model.num_heads",
+             f"head dim {m.embed_dim // m.num_heads} must be one of {', '.join(map(str, TRITON_HEAD_DIMS))} with "
+             "attention.impl=triton; use attention.impl=auto or torch for other head dims")
     need(m.depth >= 3, "model.depth", f"{m.depth} too small; need >= 3 (prompted blocks + JPM copy)")
     need(-1 <= m.prompted_layers <= m.depth - 1, "model.prompted_layers",
          f"{m.prompted_layers} must be -1 (= depth-2) or in 0..{m.depth - 1}")

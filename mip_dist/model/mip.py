@@ -13,7 +13,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
-from mip_dist.config import AttentionConfig, ModelConfig
+from mip_dist.config import ATTENTION_IMPLS, AttentionConfig, ModelConfig
 
 from .block import PromptedBlock
 from .embed import build_token_embed
@@ -24,7 +24,7 @@ from .mpl import ModalityPrompts
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
-IMPLS = ("auto", "triton", "torch", "concat")
+IMPLS = ATTENTION_IMPLS
 
 
 @dataclass

@@ -6,8 +6,8 @@ import math
 import torch
 from torch import nn
 
-MODALITY_INFRARED = 0
-MODALITY_VISIBLE = 1
+from mip_dist.data.records import INFRARED as MODALITY_INFRARED  # noqa: F401  (one definition, re-exported)
+from mip_dist.data.records import VISIBLE as MODALITY_VISIBLE  # noqa: F401
 
 
 def prompt_init_bound(patch_size: int, embed_dim: int) -> float:
