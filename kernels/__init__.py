@@ -72,17 +72,22 @@ def check_inputs(
         raise ValueError("no keys: the sequence, bank and instance prompts are all empty (softmax over nothing)")
 
 
-def _check_index_range(bank_index: torch.Tensor, entries: int) -> None:
-    """bank_index values in [0, entries), checked only where that costs no device sync.
+def host_range(t: torch.Tensor) -> Optional[tuple[int, int]]:
+    """(min, max) of a non-empty CPU integer tensor, read through NumPy (no dispatched op, nothing to wait
+    for); None for device, fake or traced tensors, whose values must not be read in the training path
+    (the trainer checks its labels on the host batch, `mip_dist.data.batch.check_batch`)."""
+    if t.device.type != "cpu" or t.numel() == 0 or torch.compiler.is_compiling() or is_fake(t):
+        return None
+    values = t.detach().numpy()
+    return int(values.min()), int(values.max())
 
-    A CPU index is read through NumPy (no dispatched op, nothing to wait for). A device index is not
-    read: the training hot path must not sync, and the trainer validates modality labels on the host
-    batch before moving it to the device (`mip_dist.data.batch.check_batch`)."""
-    if (bank_index.device.type != "cpu" or bank_index.numel() == 0 or torch.compiler.is_compiling()
-            or is_fake(bank_index)):
+
+def _check_index_range(bank_index: torch.Tensor, entries: int) -> None:
+    """bank_index values in [0, entries), where they can be read without a device sync."""
+    lo_hi = host_range(bank_index)
+    if lo_hi is None:
         return
-    values = bank_index.detach().numpy()
-    lo, hi = int(values.min()), int(values.max())
+    lo, hi = lo_hi
     if lo < 0 or hi >= entries:
         raise ValueError(f"bank_index values must be in [0, {entries}); got min {lo}, max {hi}")
 
@@ -155,6 +160,7 @@ __all__ = [
     "prompt_attention_triton",
     "prompt_attention_math",
     "check_inputs",
+    "host_range",
     "resolve_impl",
     "triton_unsupported",
     "triton_available",

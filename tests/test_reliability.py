@@ -63,7 +63,7 @@ def test_labels_beyond_the_index_name_the_shard_and_sample():
 
     batch = {"pid": torch.tensor([0, 1, 7, 2]), "camera": torch.tensor([0, 1, 0, 1]),
              "modality": torch.tensor([1, 1, 0, 0]),
-             "sources": [("s/train-000000.tar", f"k{i}") for i in range(4)]}
+             "shard": ["s/train-000000.tar"] * 4, "key": [f"k{i}" for i in range(4)]}
     with pytest.raises(BatchError, match=r"'pid' value 7 is outside \[0, 7\).*shard s/train-000000\.tar, sample k2"):
         check_batch(batch, num_classes=7, num_cameras=3)
     good = {**batch, "pid": torch.tensor([0, 1, 6, 2])}

@@ -46,9 +46,9 @@ def cfg(shards: Path, **kw) -> DataConfig:
 
 def check_pk_batch(batch: dict, num_classes: int) -> None:
     """Every invariant of a cross-modality PK batch."""
-    assert set(batch) == {"images", "pid", "camera", "modality", "key", "sources"}
-    assert len(batch["sources"]) == B and all(url.endswith(".tar") for url, _ in batch["sources"])
-    assert batch["key"] == [key for _, key in batch["sources"]] and all(isinstance(k, str) for k in batch["key"])
+    assert set(batch) == {"images", "pid", "camera", "modality", "key", "shard"}
+    assert len(batch["shard"]) == B and all(url.endswith(".tar") for url in batch["shard"])
+    assert len(batch["key"]) == B and all(isinstance(k, str) for k in batch["key"])
     assert batch["images"].shape == (B, 3, 64, 32) and batch["images"].dtype == torch.float32
     assert torch.isfinite(batch["images"]).all()
     for k in ("pid", "camera", "modality"):

@@ -26,7 +26,7 @@ def check_batch(batch: dict[str, Any], num_classes: int, num_cameras: int) -> No
     ranges = {"pid": (num_classes, "training label, index.json num_classes"),
               "camera": (num_cameras, "0-based camera, index.json num_cameras"),
               "modality": (VISIBLE + 1, f"{INFRARED} infrared / {VISIBLE} visible")}
-    sources = batch.get("sources")
+    keys, shards = batch.get("key"), batch.get("shard")
     for name, (high, meaning) in ranges.items():
         t = batch.get(name)
         if t is None:
@@ -36,6 +36,6 @@ def check_batch(batch: dict[str, Any], num_classes: int, num_cameras: int) -> No
         values = np.asarray(t.tolist())  # a CPU tolist dispatches no op: no sync, nothing for a tracing mode
         i = _first_bad(values, 0, high)
         if i is not None:
-            place = f" in shard {sources[i][0]}, sample {sources[i][1]}" if sources else ""
+            place = f" in shard {shards[i]}, sample {keys[i]}" if keys and shards else ""
             raise BatchError(f"batch '{name}' value {int(values[i])} is outside [0, {high}) ({meaning}){place}; "
                              "the shards disagree with their index.json: rewrite them with launch/make_shards.py")

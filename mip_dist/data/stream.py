@@ -123,13 +123,18 @@ def resolve_train_urls(data_cfg: DataConfig) -> tuple[list[str], Optional[dict],
         urls = shard_urls(data_cfg.shards, "train", index)
         key = "data.shards"
     check_urls(urls, data_cfg.allow_pipe, key)
-    counts = None
-    if index is not None:
-        # images, not samples: chunk padding repeats some images, and an epoch covers each image once
-        by_name = {s["name"]: s.get("images", s["count"]) for s in index["shards"] if s["split"] == "train"}
-        counts = {u: by_name[Path(urlparse(u).path).name] for u in urls
-                  if Path(urlparse(u).path).name in by_name}
+    # images, not samples: chunk padding repeats some images, and an epoch covers each image once
+    counts = listed_per_url(urls, index, lambda s: s.get("images", s["count"])) if index is not None else None
     return urls, index, counts
+
+
+def listed_per_url(urls: list[str], index: Optional[dict], field: Callable[[dict], Optional[int]]) -> dict[str, int]:
+    """`field` of each url's train shard entry in index.json, for the urls the index lists (and has it)."""
+    if index is None:
+        return {}
+    by_name = {s["name"]: field(s) for s in index["shards"] if s["split"] == "train"}
+    return {u: int(by_name[name]) for u in urls
+            if by_name.get(name := Path(urlparse(u).path).name) is not None}
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -476,8 +481,8 @@ class _EpochShare(IterableDataset):
                 "pid": torch.tensor([s.label for s, _ in pairs], dtype=torch.int64),
                 "camera": torch.tensor([s.camera - 1 for s, _ in pairs], dtype=torch.int64),
                 "modality": torch.tensor([s.modality for s, _ in pairs], dtype=torch.int64),
-                "key": [s.key for s, _ in pairs],  # shard keys, for debugging and hard-example logging
-                "sources": [(s.url, s.key) for s, _ in pairs],  # names a bad sample in errors
+                "key": [s.key for s, _ in pairs],  # for debugging, hard-example logging and naming a bad sample
+                "shard": [s.url for s, _ in pairs],
                 "_stats": {"worker": w, "errors": counter.errors, "seen": counter.seen},
             }
 
@@ -488,8 +493,8 @@ class TrainStream:
     Batches: images float32 [B, 3, H, W] (normalised, mean = std = 0.5), pid int64 contiguous train
     labels, camera int64 0-based (dataset camera - 1), modality int64 (0 infrared, 1 visible); the
     first B/2 images are visible (P identities x K), the last B/2 infrared in the same identity order;
-    key: the samples' shard keys (list of str), sources: their (shard, key) pairs (the trainer uses
-    them only to name a bad sample).
+    key and shard: each sample's key and shard URL (lists of str; the trainer uses them only to name
+    a bad sample).
     """
 
     def __init__(self, spec: _StreamSpec, workers: int, index: Optional[dict]) -> None:
@@ -572,15 +577,6 @@ def _warn_about_layout(index: Optional[dict], k: int, rank: int) -> None:
                     "with make_shards.py --chunk-instances %d", layout["chunk_instances"], k, k)
 
 
-def _listed_sizes(urls: list[str], index: Optional[dict]) -> tuple[tuple[str, int], ...]:
-    """(url, bytes) for the train shards index.json lists with a size."""
-    if index is None:
-        return ()
-    by_name = {s["name"]: s["bytes"] for s in index["shards"] if s["split"] == "train" and "bytes" in s}
-    return tuple((u, int(by_name[Path(urlparse(u).path).name])) for u in urls
-                 if Path(urlparse(u).path).name in by_name)
-
-
 def build_train_stream(data_cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> TrainStream:
     """The training stream of one rank (data.train_urls, else the train shards in data.shards)."""
     if world_size < 1 or not 0 <= rank < world_size:
@@ -606,7 +602,7 @@ def build_train_stream(data_cfg: DataConfig, *, seed: int, rank: int, world_size
                        num_ids=num_ids, num_instances=data_cfg.num_instances, buffer_size=buffer,
                        img_size=tuple(data_cfg.img_size), resampled=data_cfg.resampled,
                        channel_aug=data_cfg.channel_aug, max_error_rate=data_cfg.max_error_rate,
-                       augment=data_cfg.augment, shard_bytes=_listed_sizes(urls, index))
+                       augment=data_cfg.augment, shard_bytes=tuple(listed_per_url(urls, index, lambda s: s.get("bytes")).items()))
     log.info("train stream rank %d/%d: %d shards, %d steps/epoch, batch %d = %d ids x (%d vis + %d ir), "
              "%d workers%s", rank, world_size, len(urls), steps, b, num_ids, data_cfg.num_instances,
              data_cfg.num_instances, data_cfg.workers, ", resampled" if data_cfg.resampled else "")

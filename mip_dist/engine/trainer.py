@@ -459,8 +459,9 @@ class Trainer:
         return ckpt.consolidated_state_dict(self.engine, tag, self.cfg.train.zero_stage,
                                             self.dtype == torch.float32, strip_prefix="model.")
 
-    def _evaluate(self, final: bool = False) -> dict[str, float]:
-        """Evaluate a consolidated fp32 copy on rank 0; track the best checkpoint by train.best_metric."""
+    def _evaluate(self, final: bool = False, state: Optional[dict] = None) -> dict[str, float]:
+        """Evaluate a consolidated fp32 copy (`state`, else consolidated now) on rank 0; track the best
+        checkpoint by train.best_metric."""
         try:
             from mip_dist.engine.evaluator import evaluate
         except ImportError as exc:
@@ -468,7 +469,8 @@ class Trainer:
                 log.warning("evaluation skipped: evaluator unavailable (%s)", exc)
             return {}
         t0 = time.perf_counter()
-        state = self._consolidated()
+        if state is None:
+            state = self._consolidated()
         metrics: dict[str, float] = {}
         if self.is_main:
             model = self._build_model(self.cfg.model, self.cfg.attention, num_classes=self.num_classes,
@@ -516,7 +518,7 @@ class Trainer:
                 f"{', ...' if len(broken) > 3 else ''}); no model_final.pt and no {FINISHED} marker were written; "
                 f"check optim.lr and the loss curve in {self.run_dir / 'metrics.jsonl'}")
         if self.cfg.train.eval_every_epochs > 0:
-            self._evaluate(final=True)
+            self._evaluate(final=True, state=state)  # consolidated once (under ZeRO: read from the checkpoint)
         if self.is_main:
             ckpt.export_model(self.run_dir / "model_final.pt", state, self.cfg, self.num_classes, self.num_cameras)
             try:

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm, trunc_normal_
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
-from torch._subclasses.fake_tensor import is_fake
 
 from mip_dist.config import ATTENTION_IMPLS, AttentionConfig, ModelConfig
+from mip_dist.kernels import host_range
 
 from .block import PromptedBlock
 from .embed import build_token_embed
@@ -53,14 +53,6 @@ class _Trunk:
     bank: Optional[Tensor] = None
     inst: Optional[Tensor] = None
     inst_means: list[Tensor] = field(default_factory=list)
-
-
-def _host_range(t: Tensor) -> Optional[tuple[int, int]]:
-    """(min, max) of a non-empty CPU label tensor read without a dispatched op; None for device tensors."""
-    if t.device.type != "cpu" or t.numel() == 0 or is_fake(t) or torch.compiler.is_compiling():
-        return None
-    values = t.detach().numpy()
-    return int(values.min()), int(values.max())
 
 
 def param_category(name: str) -> str:
@@ -232,14 +224,14 @@ class MIP(nn.Module):
         if self.num_prompted and self.mpl is not None:
             if modality is None or modality.shape != (B,):
                 raise ValueError(f"modality must be a [B={B}] tensor of 0 (infrared) / 1 (visible)")
-            lo_hi = _host_range(modality)
+            lo_hi = host_range(modality)
             if lo_hi is not None and (lo_hi[0] < 0 or lo_hi[1] > 1):
                 raise ValueError(f"modality values must be 0 (infrared) or 1 (visible); got min {lo_hi[0]}, "
                                  f"max {lo_hi[1]}")
         if self.sie_embed is not None:
             if camera is None or camera.shape != (B,):
                 raise ValueError(f"camera must be a [B={B}] tensor of 0-based camera indices")
-            lo_hi = _host_range(camera)
+            lo_hi = host_range(camera)
             if lo_hi is not None and (lo_hi[0] < 0 or lo_hi[1] >= self.num_cameras):
                 raise ValueError(f"camera indices must be 0-based in [0, {self.num_cameras}); "
                                  f"got min {lo_hi[0]}, max {lo_hi[1]}")
