@@ -501,8 +501,8 @@ def _strides(t: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
     return t.stride() if t is not None else _NO_STRIDES
 
 
-def _groups(q, k, bank_k, bank_v, bank_index, inst_k, inst_v):
-    """Resolve optional groups to (pointer tensor, strides, length) with harmless placeholders."""
+def _groups(k, bank_k, bank_v, bank_index, inst_k, inst_v):
+    """Resolve optional groups to pointer tensors (harmless placeholders when absent) and the prompt lengths."""
     pm = bank_k.shape[2] if bank_k is not None else 0
     pi = inst_k.shape[2] if inst_k is not None else 0
     bk = bank_k if bank_k is not None else k
@@ -533,7 +533,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Launch the fused forward; returns o [B, H, N, D] and lse2 [B, H, N] (fp32, base 2)."""
     B, H, S, D = k.shape
     N = q.shape[2]
-    bk, bv, bidx, ik, iv, pm, pi = _groups(q, k, bank_k, bank_v, bank_index, inst_k, inst_v)
+    bk, bv, bidx, ik, iv, pm, pi = _groups(k, bank_k, bank_v, bank_index, inst_k, inst_v)
     o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     if B * H * N == 0:
@@ -566,7 +566,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     B, H, S, D = k.shape
     N = q.shape[2]
     dev = q.device
-    bk, bv, bidx, ik, iv, pm, pi = _groups(q, k, bank_k, bank_v, bank_index, inst_k, inst_v)
+    bk, bv, bidx, ik, iv, pm, pi = _groups(k, bank_k, bank_v, bank_index, inst_k, inst_v)
     broadcast_q = q.shape[0] == 1 and B > 1
 
     dk = torch.empty((B, H, S, D), dtype=k.dtype, device=dev)
@@ -630,14 +630,12 @@ def _launch_backward(do, q, k, v, bk, bv, bidx, ik, iv, lse, o, dq_buf, dk, dv, 
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     _bwd_delta_kernel[grid_q](o, do, delta, *o.stride(), *do.stride(), H, N,
                               BLOCK_M=pq["BLOCK_M"], BLOCK_D=D)
-    sdq = dq_buf.stride()
-    if dq_buf.shape[0] == 1:
-        sdq = (0, *sdq[1:])
+    sdq = _q_strides(dq_buf)
     groups = (k, v, bank_k, bank_v, inst_k, inst_v)
     strides = (k.stride(), v.stride(), _strides(bank_k), _strides(bank_v), _strides(inst_k), _strides(inst_v))
+    kv_strides = [s for group in strides for s in group]  # the six K/V groups' strides, in kernel order
     _bwd_dq_kernel[grid_q](
-        q, k, v, bk, bv, bidx, ik, iv, do, lse, delta, dq_buf, *sq, *strides[0], *strides[1], *strides[2],
-        *strides[3], *strides[4], *strides[5], *do.stride(), *sdq,
+        q, k, v, bk, bv, bidx, ik, iv, do, lse, delta, dq_buf, *sq, *kv_strides, *do.stride(), *sdq,
         H, N, S, pm, pi, scale * LOG2E, scale, ATOMIC=atomic_dq, BANK_SHARED=bank_shared,
         ONE_LOOP=_one_loop_ok(groups, strides), **pq)
     pk = _launch_params("kv", q, N, S, pm, pi, D)
@@ -650,8 +648,7 @@ def _launch_backward(do, q, k, v, bk, bv, bidx, ik, iv, lse, o, dq_buf, dk, dv, 
         q, k, v, bk, bv, bidx, ik, iv, do, lse, delta,
         dk, dv, dbk_buf if dbk_buf is not None else dk, dbv_buf if dbv_buf is not None else dv,
         dik if dik is not None else dk, div if div is not None else dv,
-        *sq, *k.stride(), *v.stride(), *_strides(bank_k), *_strides(bank_v),
-        *_strides(inst_k), *_strides(inst_v), *do.stride(),
+        *sq, *kv_strides, *do.stride(),
         *dk.stride(), *dv.stride(), *_strides(dbk_buf), *_strides(dbv_buf),
         *_strides(dik), *_strides(div),
         H, N, S, pm, pi, nb_pm, nb_pi, scale * LOG2E, scale,

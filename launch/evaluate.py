@@ -24,12 +24,12 @@ import os
 import re
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import torch
 
+from mip_dist.cli import debug_requested, report_error
 from mip_dist.config import Config, ConfigError, from_dict, load_config, parse_override, to_dict
 from mip_dist.data.shards import ShardError
 from mip_dist.eval.protocols import PROTOCOL_NAMES, ProtocolError
@@ -367,21 +367,6 @@ def run(args: argparse.Namespace) -> dict:
     return aggregate
 
 
-def debug_requested(flag: bool) -> bool:
-    """--debug or MIP_DEBUG=1 (any value but empty/0) asks for tracebacks."""
-    return flag or os.environ.get("MIP_DEBUG", "").strip() not in ("", "0")
-
-
-def report_error(exc: BaseException, debug: bool) -> int:
-    """One `error:` line (plus the traceback when debugging) and exit code 2, whatever failed."""
-    if debug:
-        traceback.print_exception(type(exc), exc, exc.__traceback__)
-    known = isinstance(exc, (EvalError, ConfigError, ProtocolError, ShardError))
-    text = " ".join(str(exc).split()) if known else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-    hint = "" if known or debug else " (run with --debug or MIP_DEBUG=1 for the traceback)"
-    print(f"error: {text}{hint}", file=sys.stderr)
-    return 2
-
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: 0 on success, 2 with a one-line message for any error (traceback with --debug)."""
@@ -389,7 +374,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         run(args)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
-        return report_error(exc, debug_requested(args.debug))
+        return report_error(exc, debug_requested(args.debug), known=(EvalError, ConfigError, ProtocolError, ShardError))
     finally:
         import torch.distributed as dist
 

@@ -5,8 +5,8 @@ caps every section's timeout so the whole run never takes longer):
 
   env                    GPU name(s), driver, torch, Triton, CUDA and DeepSpeed versions
   kernel-tests           pytest on the four kernel test files, compiled (TRITON_INTERPRET unset)
-  bench-attention-paper  launch/bench_attention.py at its default (paper) shapes: B 64/128, N 129/211
-  bench-attention-ipg    launch/bench_attention.py at the closest shape it offers to the IPG call
+  bench-attention        launch/bench_attention.py at its default shapes: the paper block calls (B 64/128,
+                         N 129/211) and the IPG call (16 broadcast queries, 210 keys, one-entry bank)
   model-{triton,torch,concat}
                          ViT-B/16 MIP (configs/mip_vitb16_sysu.yaml) forward+backward, bf16, batch 64:
                          img/s and peak GPU memory (a subprocess of this script, reusing bench_model.py)
@@ -55,13 +55,7 @@ TINY_CONFIG = "configs/tiny.yaml"
 MODEL_IMPLS = ("triton", "torch", "concat")
 ZERO_STAGES = (0, 3)
 TRAIN_EPOCHS, TRAIN_STEPS_PER_EPOCH = 2, 25  # 50 steps
-# bench_attention.py sets N = S (one --tokens for queries and sequence keys) and per-sample queries, so the
-# IPG call (16 broadcast queries over 210 patch keys + one 16-token bank entry) is not selectable; this is
-# the closest it offers: the same keys (210 sequence + 16 from one bank entry, no instance prompts).
-IPG_BENCH_ARGS = ["--tokens", "210", "--bank-entries", "1", "--inst-len", "0"]
-IPG_NOTE = ("bench_attention.py has no option for broadcast queries or N != S: ran --tokens 210 --bank-entries 1 "
-            "--inst-len 0, i.e. the IPG keys (210 sequence + 16 of one bank entry) but 210 per-sample queries "
-            "instead of 16 broadcast ones")
+NVIDIA_SMI = ["nvidia-smi", "--query-gpu=index,name,driver_version,memory.total", "--format=csv,noheader"]
 PASS, FAIL, TIMEOUT, NOT_RUN, SKIPPED = "pass", "fail", "timeout", "not run", "skipped"
 OK_STATUSES = (PASS, SKIPPED)  # skipped = needs more GPUs than the machine has: not a failure
 RESULT_TAG = "GPU_CHECK_RESULT "
@@ -103,14 +97,11 @@ def build_plan(workdir: Path, args: argparse.Namespace) -> list[Check]:
     py, bench = sys.executable, str(REPO / "launch" / "bench_attention.py")
     me = str(Path(__file__).resolve())
     plan = [Check("env", "GPU name(s), driver, torch, Triton, CUDA, DeepSpeed versions", "env",
-                  ["nvidia-smi", "--query-gpu=index,name,driver_version,memory.total", "--format=csv,noheader"], 30),
+                  NVIDIA_SMI, 30),
             Check("kernel-tests", "kernel tests compiled on the GPU (TRITON_INTERPRET unset)", "pytest",
                   [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS], 180),
-            Check("bench-attention-paper", "fused attention vs concat+SDPA/Flex/torch at the paper shapes", "bench",
-                  [py, bench, "--out", str(workdir / "bench_attention_paper.json")], 180),
-            Check("bench-attention-ipg", "fused attention at the IPG shape (closest bench_attention.py offers)",
-                  "bench", [py, bench, "--batch", "64", "128", *IPG_BENCH_ARGS,
-                            "--out", str(workdir / "bench_attention_ipg.json")], 120, extra={"note": IPG_NOTE})]
+            Check("bench-attention", "fused attention vs concat+SDPA/Flex/torch at the paper block and IPG shapes",
+                  "bench", [py, bench, "--out", str(workdir / "bench_attention.json")], 240)]
     for impl in MODEL_IMPLS:
         result = workdir / f"model_{impl}.json"
         plan.append(Check(f"model-{impl}", f"MIP ViT-B/16 fwd+bwd img/s + peak memory, impl {impl}, bf16, "
@@ -173,14 +164,19 @@ def parse_pytest_counts(text: str) -> dict[str, int]:
     return {}
 
 
+def train_records(metrics_path: Path) -> list[dict]:
+    """The training records of a run's metrics.jsonl, in order."""
+    return [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r.get("kind") == "train"]
+
+
+def losses_of(train: list[dict]) -> dict[int, float]:
+    """Step -> logged training loss of a run's training records."""
+    return {int(r["step"]): float(r["loss"]) for r in train if "loss" in r}
+
+
 def read_losses(metrics_path: Path) -> dict[int, float]:
-    """Step -> logged training loss from a run's metrics.jsonl (train records only)."""
-    losses: dict[int, float] = {}
-    for line in metrics_path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "train" and "loss" in rec:
-            losses[int(rec["step"])] = float(rec["loss"])
-    return losses
+    """Step -> logged training loss from a run's metrics.jsonl."""
+    return losses_of(train_records(metrics_path))
 
 
 def compare_losses(ref: dict[int, float], other: dict[int, float], rtol: float, atol: float) -> dict[str, Any]:
@@ -204,12 +200,13 @@ def compare_losses(ref: dict[int, float], other: dict[int, float], rtol: float, 
 
 
 def bench_ratios(rows: list[dict]) -> list[dict[str, Any]]:
-    """Per (B, N, mode): fused-triton ms and every other impl's time / fused time, from bench_attention rows."""
+    """Per (case, B, N, mode): fused-triton ms and every other impl's time / fused time, from bench_attention
+    rows (case: the paper's block call or the IPG call)."""
     table: dict[tuple, dict[str, Any]] = {}
     for r in rows:
-        key = (r["B"], r["N"], r["mode"])
-        entry = table.setdefault(key, {"B": r["B"], "N": r["N"], "L": r.get("L"), "mode": r["mode"],
-                                       "fused_ms": None, "ratios": {}})
+        key = (r["case"], r["B"], r["N"], r["mode"])
+        entry = table.setdefault(key, {"case": r["case"], "B": r["B"], "N": r["N"], "L": r.get("L"),
+                                       "mode": r["mode"], "fused_ms": None, "ratios": {}})
         if r.get("status") != "ok":
             continue
         if r["impl"] == "fused-triton":
@@ -250,10 +247,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "| shape | mode | fused-triton ms | " + " | ".join(impls) + " |",
                   "|---|---|---|" + "---|" * len(impls)]
         for r in benches:
-            tag = "IPG" if r["name"].endswith("ipg") else "paper"
             for row in r["ratios"]:
                 cells = [_fmt(row["ratios"].get(i), ".2f") for i in impls]
-                lines.append(f"| {tag} B{row['B']} N{row['N']} L{row['L']} | {row['mode']} | "
+                lines.append(f"| {row['case']} B{row['B']} N{row['N']} L{row['L']} | {row['mode']} | "
                              f"{_fmt(row['fused_ms'], '.3f')} | " + " | ".join(cells) + " |")
         for r in benches:
             if r.get("note"):
@@ -306,17 +302,12 @@ def run_command(cmd: list[str], timeout_s: float, log_path: Path) -> tuple[Optio
             rc: Optional[int] = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             rc = None
-        if rc is None or proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # launcher and every rank it started
-            except ProcessLookupError:
-                pass
+        try:  # a timed-out launcher and every rank it started, or a finished one's leftovers (a stuck rank)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if rc is None:
             proc.wait()
-        else:  # leftovers of a finished launcher (e.g. a stuck rank) must not hold the GPU
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     return rc, time.monotonic() - t0
 
 
@@ -340,8 +331,7 @@ def env_info() -> dict[str, Any]:
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=index,name,driver_version,memory.total",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        smi = subprocess.run(NVIDIA_SMI, capture_output=True, text=True, timeout=20)
         info["nvidia_smi"] = smi.stdout.strip().splitlines()
         drivers = {line.split(",")[2].strip() for line in info["nvidia_smi"] if line.count(",") >= 3}
         info["driver"] = ", ".join(sorted(drivers)) or None
@@ -378,11 +368,11 @@ def summarize(check: Check, rc: Optional[int], text: str, results: dict[str, dic
         out["impl"] = check.extra["impl"]
     elif check.kind == "train":
         metrics = Path(check.extra["run_dir"]) / "metrics.jsonl"
-        losses = read_losses(metrics) if metrics.is_file() else {}
+        train = train_records(metrics) if metrics.is_file() else []
+        losses = losses_of(train)
         steps = TRAIN_EPOCHS * TRAIN_STEPS_PER_EPOCH
         out.update(losses=losses, steps=len(losses), nccl="backend nccl" in text, run_dir=check.extra["run_dir"])
         if losses:
-            train = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("kind") == "train"]
             out.update(first_loss=losses[min(losses)], last_loss=losses[max(losses)], img_s=train[-1].get("img_s"))
         ok = ok and out["nccl"] and len(losses) == steps and all(math.isfinite(v) for v in losses.values())
         out["summary"] = (f"{len(losses)}/{steps} steps, loss {out['first_loss']:.4f} -> {out['last_loss']:.4f}"
@@ -517,7 +507,7 @@ def model_worker(impl: str, batch: int, steps: int, warmup: int, result: Path) -
         step()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / steps
-    gflop = analytic_gflops(cfg.model, "concat" if impl == "concat" else impl, batch)
+    gflop = analytic_gflops(cfg.model, impl, batch)
     res = {"impl": impl, "batch": batch, "steps": steps, "step_ms": seconds * 1e3, "img_s": batch / seconds,
            "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,

@@ -18,17 +18,16 @@ import logging
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mip_dist.cli import debug_requested, report_error  # noqa: E402
 from mip_dist.data.layouts import DatasetError  # noqa: E402
 from mip_dist.data.shards import (DEFAULT_CHUNK_INSTANCES, DEFAULT_MAX_SHARD_BYTES,  # noqa: E402
                                   DEFAULT_MAX_SHARD_SAMPLES, ShardError, write_shards)
 from mip_dist.data.synthetic import MARKER, generate_synthetic  # noqa: E402
 
-EXIT_ERROR = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,18 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error (also MIP_DEBUG=1)")
     return p.parse_args(argv)
-
-
-def report_error(exc: BaseException, debug: bool) -> int:
-    """One `error:` line (the traceback first when debugging); exit code 2 for any failure."""
-    if debug:
-        traceback.print_exception(type(exc), exc, exc.__traceback__)
-    known = isinstance(exc, (DatasetError, ShardError, FileExistsError, UsageError))
-    text = " ".join(str(exc).split())
-    if not known:
-        text = f"{type(exc).__name__}: {text}" + ("" if debug else " (run with --debug or MIP_DEBUG=1 for the traceback)")
-    print(f"error: {text}", file=sys.stderr)
-    return EXIT_ERROR
 
 
 class UsageError(ValueError):
@@ -103,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                              overwrite=args.overwrite, replace_outdated=False,
                              chunk_instances=args.chunk_instances)
     except Exception as exc:  # noqa: BLE001 - every failure is one line; --debug shows the traceback
-        return report_error(exc, args.debug or os.environ.get("MIP_DEBUG", "").strip() not in ("", "0"))
+        return report_error(exc, debug_requested(args.debug), known=(DatasetError, ShardError, FileExistsError, UsageError))
     c = index["counts"]
     print(f"{args.dataset}: {c['train']['total']} train images ({index['num_classes']} identities), "
           f"{c['test']['total']} test images, {len(index['shards'])} shards, "

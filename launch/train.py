@@ -11,7 +11,6 @@ import argparse
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,24 +32,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--debug", action="store_true", help="print the traceback of an error (also MIP_DEBUG=1)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=0.02")
     return p.parse_args(argv)
-
-
-def debug_requested(flag: bool) -> bool:
-    """--debug or MIP_DEBUG=1 (any value but empty/0) asks for tracebacks."""
-    return flag or os.environ.get("MIP_DEBUG", "").strip() not in ("", "0")
-
-
-def report_error(exc: BaseException, debug: bool, prefix: str = "") -> int:
-    """One `error:` line (the traceback first when debugging); returns exit code 2."""
-    from mip_dist.config import ConfigError
-
-    if debug:
-        traceback.print_exception(type(exc), exc, exc.__traceback__)
-    text = " ".join(str(exc).split())
-    if not isinstance(exc, ConfigError):
-        text = f"{type(exc).__name__}: {text}" + ("" if debug else " (run with --debug or MIP_DEBUG=1 for the traceback)")
-    print(f"error: {prefix}{text}", file=sys.stderr)
-    return EXIT_CONFIG
 
 
 def config_path(arg: str | None) -> Path:
@@ -199,15 +180,17 @@ def leave(code: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (any error: one line, code 2; traceback with --debug)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from mip_dist.cli import debug_requested, report_error
+    from mip_dist.config import ConfigError, load_config
+
     debug = debug_requested(args.debug)
     if args.ablation:
         try:
             return run_ablation(args)
         except Exception as exc:  # noqa: BLE001 - one line; --debug shows the traceback
-            return report_error(exc, debug)
+            return report_error(exc, debug, known=(ConfigError,))
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
-    from mip_dist.config import ConfigError, load_config
 
     path = args.config
     try:
@@ -216,10 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.config is None and args.resume is None:  # the demo: never overwrite, continue if cut off
             args.resume = demo_resume(cfg)
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), args.resume)
-    except ConfigError as exc:
-        return report_error(exc, debug, prefix=f"{path}: " if path else "")
     except Exception as exc:  # noqa: BLE001 - before any process group: one line, exit 2
-        return report_error(exc, debug, prefix=f"{path}: " if path else "")
+        return report_error(exc, debug, known=(ConfigError,), prefix=f"{path}: " if path else "")
 
     from mip_dist.engine.distributed import init_distributed, shutdown
     from mip_dist.engine.checkpoint import CheckpointError, CheckpointWriteError
@@ -229,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = Trainer(cfg, env, resume=args.resume).fit()
     except (RunDirError, CheckpointError, CheckpointWriteError) as exc:  # one line, not a traceback
-        if debug:
-            traceback.print_exception(type(exc), exc, exc.__traceback__)
-        print(f"error: {exc}", file=sys.stderr)
+        report_error(exc, debug, known=(RunDirError, CheckpointError, CheckpointWriteError))
         leave(EXIT_CONFIG)
     except TrainingDiverged as exc:  # agreed by every rank
         print(f"error: training diverged: {exc}", file=sys.stderr)

@@ -61,7 +61,7 @@ def walk_backward(root: torch.Tensor) -> int:
 
     Calls the same C++/Python backward functions the engine would, so a device or dtype clash in any
     backward formula (custom ops included) still raises; AccumulateGrad nodes fill `.grad`."""
-    order, deps, seen = [], defaultdict(int), set()
+    order, seen = [], set()
     stack = [(root.grad_fn, False)]
     while stack:  # iterative post-order DFS
         node, done = stack.pop()
@@ -76,7 +76,6 @@ def walk_backward(root: torch.Tensor) -> int:
         stack.append((node, True))
         for child, _ in node.next_functions:
             if child is not None:
-                deps[child] += 1
                 stack.append((child, False))
     grads: dict[Any, list] = defaultdict(list)
     grads[root.grad_fn] = [torch.ones_like(root)]

@@ -269,11 +269,11 @@ def test_all_checkpoints_damaged_is_an_error_not_a_fresh_start(engine0, tmp_path
 def test_expected_files_follow_deepspeed_naming(tmp_path):
     meta = {"dp_world_size": 2, "mp_world_size": 1, "ds_config": {"zero_optimization": {"stage": 3},
                                                                  "bf16": {"enabled": True}}}
-    assert ckpt.expected_files(tmp_path, meta) == [
+    assert ckpt.expected_files(meta) == [
         "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
         "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     meta["ds_config"] = {"zero_optimization": {"stage": 0}}
-    assert ckpt.expected_files(tmp_path, meta) == ["mp_rank_00_model_states.pt"]
+    assert ckpt.expected_files(meta) == ["mp_rank_00_model_states.pt"]
 
 
 # ------------------------------------------------------------------ case 8: disk full while saving

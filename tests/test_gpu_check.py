@@ -44,8 +44,7 @@ def assert_full_plan(stdout: str) -> None:
     assert "-m pytest" in kernel and "TRITON_INTERPRET" in kernel  # says it runs without the interpreter
     for f in gc.KERNEL_TESTS:
         assert f in kernel
-    assert "bench_attention.py --out" in plan["bench-attention-paper"]
-    assert "--tokens 210 --bank-entries 1 --inst-len 0" in plan["bench-attention-ipg"]
+    assert "bench_attention.py --out" in plan["bench-attention"]  # its cases: the paper block and IPG calls
     for impl in ("triton", "torch", "concat"):
         line = plan[f"model-{impl}"]
         assert f"--model-worker {impl}" in line and "--model-batch 64" in line and "bf16" in line
@@ -107,14 +106,20 @@ def test_compare_losses_tolerance_and_failures():
 
 
 def test_bench_ratios_from_bench_attention_rows():
-    rows = [{"impl": "fused-triton", "B": 64, "N": 129, "L": 161, "mode": "fwd", "status": "ok", "ms": 0.5,
-             "fused_speedup": 1.0},
-            {"impl": "flex-attention", "B": 64, "N": 129, "L": 161, "mode": "fwd", "status": "ok", "ms": 1.0,
-             "fused_speedup": 2.0},
-            {"impl": "concat+sdpa-cudnn", "B": 64, "N": 129, "L": 161, "mode": "fwd", "status": "unavailable"},
-            {"impl": "fused-triton", "B": 64, "N": 129, "L": 161, "mode": "bwd", "status": "unavailable"}]
-    fwd, bwd = gc.bench_ratios(rows)
-    assert fwd == {"B": 64, "N": 129, "L": 161, "mode": "fwd", "fused_ms": 0.5, "ratios": {"flex-attention": 2.0}}
+    rows = [{"impl": "fused-triton", "case": "block", "B": 64, "N": 129, "L": 161, "mode": "fwd", "status": "ok",
+             "ms": 0.5, "fused_speedup": 1.0},
+            {"impl": "flex-attention", "case": "block", "B": 64, "N": 129, "L": 161, "mode": "fwd", "status": "ok",
+             "ms": 1.0, "fused_speedup": 2.0},
+            {"impl": "concat+sdpa-cudnn", "case": "block", "B": 64, "N": 129, "L": 161, "mode": "fwd",
+             "status": "unavailable"},
+            {"impl": "fused-triton", "case": "block", "B": 64, "N": 129, "L": 161, "mode": "bwd",
+             "status": "unavailable"},
+            {"impl": "fused-triton", "case": "ipg", "B": 64, "N": 129, "L": 161, "mode": "fwd", "status": "ok",
+             "ms": 0.1, "fused_speedup": 1.0}]  # same B, N, mode as a block row: kept apart by case
+    fwd, bwd, ipg = gc.bench_ratios(rows)
+    assert fwd == {"case": "block", "B": 64, "N": 129, "L": 161, "mode": "fwd", "fused_ms": 0.5,
+                   "ratios": {"flex-attention": 2.0}}
+    assert ipg["case"] == "ipg" and ipg["fused_ms"] == 0.1
     assert bwd["mode"] == "bwd" and bwd["fused_ms"] is None and bwd["ratios"] == {}
 
 
@@ -128,8 +133,9 @@ def hand_made_report() -> dict:
         "checks": [
             {"name": "kernel-tests", "kind": "pytest", "status": "fail", "seconds": 61.2,
              "summary": "1 failed, 22 passed"},
-            {"name": "bench-attention-ipg", "kind": "bench", "status": "pass", "seconds": 30.0, "summary": "ok",
-             "note": "closest shape", "ratios": [{"B": 64, "N": 210, "L": 226, "mode": "fwd+bwd", "fused_ms": 1.234,
+            {"name": "bench-attention", "kind": "bench", "status": "pass", "seconds": 30.0, "summary": "ok",
+             "note": "closest shape", "ratios": [{"case": "ipg", "B": 64, "N": 210, "L": 226, "mode": "fwd+bwd",
+                                                  "fused_ms": 1.234,
                                                   "ratios": {"flex-attention": 1.5, "torch-path": 3.25}}]},
             {"name": "model-triton", "kind": "model", "impl": "triton", "status": "pass", "seconds": 20.0,
              "batch": 64, "img_s": 812.4, "step_ms": 78.8, "peak_alloc_gib": 21.5, "peak_reserved_gib": 24.0},
@@ -152,8 +158,8 @@ def test_render_markdown_table():
     assert "| kernel-tests | fail | 61 s | 1 failed, 22 passed |" in lines
     assert "| deepspeed-2gpu-zero0 | skipped | 0 s | needs 2 GPUs, 1 here |" in lines
     assert "| shape | mode | fused-triton ms | flex-attention | torch-path |" in lines
-    assert "| IPG B64 N210 L226 | fwd+bwd | 1.234 | 1.50 | 3.25 |" in lines
-    assert "bench-attention-ipg: closest shape." in lines
+    assert "| ipg B64 N210 L226 | fwd+bwd | 1.234 | 1.50 | 3.25 |" in lines
+    assert "bench-attention: closest shape." in lines
     assert "| triton | 812 | 78.8 | 21.50 | 24.00 |" in lines
     assert "| deepspeed-1gpu-zero3 | pass | 4.9900 | 4.5000 | 700 | 1.20e-03 | yes |" in lines
     assert "| deepspeed-1gpu-zero0 | pass | 4.9900 | 4.5000 | 900 | – | – |" in lines

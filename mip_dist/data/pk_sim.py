@@ -11,6 +11,8 @@ from typing import Iterator
 
 import numpy as np
 
+from mip_dist.config import DataConfig
+
 from .grouping import REPEAT_MARK, Slot, identity_chunks, image_key
 from .records import INFRARED, VISIBLE
 from .stream import PKBuffer, RawSample, form_pk_batch
@@ -59,10 +61,12 @@ def _samples(order: list[list[Slot]], per_modality: int, shard_samples: int, see
 
 
 def simulate(ids: int, per_modality: int, *, layout: str, num_ids: int = 8, k: int = 4, chunk_k: int = 4,
-             buffer_size: int = 2000, batches: int = 0, seed: int = 0) -> PKStats:
-    """Run the batcher for `batches` batches (0: one epoch = all images / batch size) and measure."""
+             buffer_size: int = DataConfig.buffer_size, shard_samples: int = 1000, batches: int = 0,
+             seed: int = 0) -> PKStats:
+    """Run the batcher for `batches` batches (0: one epoch = all images / batch size) over shards of
+    `shard_samples` samples, and measure."""
     order = layout_order(ids, per_modality, chunk_k, layout, seed)
-    source = _samples(order, per_modality, 1000, seed)
+    source = _samples(order, per_modality, shard_samples, seed)
     read = [0]
 
     def counted() -> Iterator[RawSample]:
@@ -82,8 +86,9 @@ def simulate(ids: int, per_modality: int, *, layout: str, num_ids: int = 8, k: i
         pairs = form_pk_batch(buf, stream, num_ids, k, lambda s: 0, lambda: 0, "simulation")
         work += time.perf_counter() - t0
         keys = [image_key(s.key) for s, _ in pairs]
-        dups += len(keys) - len(set(keys))
-        used += len(set(keys))
+        distinct = len(set(keys))
+        dups += len(keys) - distinct
+        used += distinct
         by_id: dict[tuple[int, int], set[str]] = {}
         for s, _ in pairs:
             by_id.setdefault((s.label, s.modality), set()).add(image_key(s.key))

@@ -524,7 +524,7 @@ def _up_to_date(out_dir: Path, fp: str) -> Optional[dict]:
         return None
     try:
         _check_unique_test_keys(index, path)
-    except ShardError:  # written by the old key scheme: rewrite
+    except ShardError:  # an index holding a key twice is never "up to date": rewrite it
         return None
     for s in index.get("shards", []):
         f = out_dir / s["name"]

@@ -178,7 +178,7 @@ def _model_states_file(tag_dir: Path) -> Path:
                                  "zero_pp_rank_0_mp_rank_00_model_states.pt)")
 
 
-def expected_files(tag_dir: Path, meta: dict[str, Any]) -> list[str]:
+def expected_files(meta: dict[str, Any]) -> list[str]:
     """Files a DeepSpeed tag must hold, from the world sizes, ZeRO stage and precision in its model states."""
     ds = meta.get("ds_config") or {}
     stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
@@ -218,7 +218,7 @@ def verify_tag(tag_dir: Path) -> None:
     meta = _quick_load(states)
     if not isinstance(meta, dict) or "module" not in meta:
         raise DamagedCheckpointError(f"{states}: not a DeepSpeed model states file (no 'module' entry)")
-    for name in expected_files(tag_dir, meta):
+    for name in expected_files(meta):
         if not (tag_dir / name).is_file():
             raise DamagedCheckpointError(f"{tag_dir / name}: missing (DeepSpeed wrote one per rank)")
     for f in sorted(({tag_dir / n for n in manifest if n.endswith(".pt")} | set(tag_dir.glob("*.pt"))) - {states}):

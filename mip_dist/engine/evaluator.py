@@ -46,7 +46,7 @@ def _group_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _gather_shares(feats: torch.Tensor, keys: list[str], device: torch.device) -> tuple[torch.Tensor, list[str]]:
+def _gather_shares(feats: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, list[str]]:
     """Every rank's (features, keys), concatenated in rank order (identity without a process group)."""
     if _group_size() == 1:
         return feats, keys
@@ -104,7 +104,7 @@ def extract_features(model: torch.nn.Module, loader: Iterable[dict], *, device: 
     if feats.shape[0] != len(keys):
         raise ValueError(f"loader yielded {len(keys)} keys for {feats.shape[0]} images")
     if distributed:
-        feats, keys = _gather_shares(feats, keys, device)
+        feats, keys = _gather_shares(feats, keys)
     order = sorted(range(len(keys)), key=keys.__getitem__)
     unique, seen = [], set()
     for i in order:
@@ -171,7 +171,7 @@ def evaluate_features(feats: torch.Tensor, keys: Sequence[str], index: dict, pro
     records = index["test_records"]
     pids = torch.as_tensor([int(r["pid"]) for r in records], dtype=torch.int64)
     cams = torch.as_tensor([int(r["camera"]) for r in records], dtype=torch.int64)
-    feats = F.normalize(feats.float(), dim=1)
+    feats = F.normalize(feats.double(), dim=1)  # float64 from here: no float32 rounding before the distances
     settings = build_settings(index, protocols, trials)
 
     results: dict[str, Any] = {}

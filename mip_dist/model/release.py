@@ -229,11 +229,11 @@ def map_release_state_dict(sd: dict[str, Tensor], model: MIP, bug_refine: bool =
     if missing or misshaped:
         raise ReleaseCheckpointError("release checkpoint does not fit the inferred model:\n  "
                                      + "\n  ".join([f"missing key {m}" for m in missing] + misshaped))
-    _check_leftovers(sd, used, model.cfg.depth, bug_refine, model.num_prompted)
+    _check_leftovers(sd, used, model.cfg.depth, model.num_prompted)
     return out
 
 
-def _check_leftovers(sd: dict[str, Tensor], used: set[str], depth: int, bug_refine: bool, num_prompted: int) -> None:
+def _check_leftovers(sd: dict[str, Tensor], used: set[str], depth: int, num_prompted: int) -> None:
     """Refuse unknown or unsupported keys; log each ignored group once, with its reason."""
     groups: dict[str, list[str]] = {}
     unknown, unsupported = [], []
@@ -291,5 +291,5 @@ def release_blob(path: str | Path, base: Optional[Config] = None, bug_refine: bo
     overrides = {k: getattr(base.model, k) for k in NOT_INFERRED} if base is not None else {}
     cfg, num_classes, num_cameras = release_config(sd, base, **overrides)
     model = build_release_model(sd, cfg.model, num_classes, num_cameras, bug_refine=bug_refine)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())  # detached already; the model itself is dropped here
     return {"model": state, "config": to_dict(cfg), "num_classes": num_classes, "num_cameras": num_cameras}
