@@ -77,6 +77,22 @@ _add_combine = getattr(tl.standard, "_sum_combine", _own_add_combine)
 # forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _softmax_step(acc, l_i, m_i, q, kt, v, col_ok, qk_scale, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold one loaded key tile kt [D, N] / value tile v [N, D] into the running online softmax."""
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.reduce(p, 1, _add_combine)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_group(acc, l_i, m_i, q, K, V, skn, skd, svn, svd, L, qk_scale,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
@@ -88,17 +104,7 @@ def _fwd_group(acc, l_i, m_i, q, K, V, skn, skd, svn, svd, L, qk_scale,
         col_ok = cols < L
         kt = tl.load(K + offs_d[:, None] * skd + cols[None, :] * skn, mask=col_ok[None, :], other=0.0)
         v = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.reduce(p, 1, _add_combine)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, kt, v, col_ok, qk_scale, UPCAST, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -128,17 +134,7 @@ def _fwd_one_loop(acc, l_i, m_i, q, K, V, BK, BV, IK, IV, skn, svn, sbkn, sbvn, 
         vp = tl.max_contiguous(tl.multiple_of(vcol[:, None] + offs_d[None, :] * svd, [1, 16]), [1, BLOCK_D])
         kt = tl.load(kp, mask=col_ok[None, :], other=0.0)
         v = tl.load(vp, mask=col_ok[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.reduce(p, 1, _add_combine)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, kt, v, col_ok, qk_scale, UPCAST, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -222,6 +218,20 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, 
 
 
 @triton.jit
+def _dq_step(dq, q, do, lse, delta, kt, vt, col_ok, qk_scale, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add ds @ k of one loaded key tile kt [D, N] / value tile vt [D, N] to dq (unscaled)."""
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        vt = vt.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    p = tl.where(col_ok[None, :], p, 0.0)
+    dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _bwd_dq_group(dq, q, do, lse, delta, K, V, skn, skd, svn, svd, L, qk_scale,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
@@ -233,15 +243,7 @@ def _bwd_dq_group(dq, q, do, lse, delta, K, V, skn, skd, svn, svd, L, qk_scale,
         col_ok = cols < L
         kt = tl.load(K + offs_d[:, None] * skd + cols[None, :] * skn, mask=col_ok[None, :], other=0.0)
         vt = tl.load(V + offs_d[:, None] * svd + cols[None, :] * svn, mask=col_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(col_ok[None, :], p, 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+        dq = _dq_step(dq, q, do, lse, delta, kt, vt, col_ok, qk_scale, UPCAST, DOT_PRECISION)
     return dq
 
 
@@ -262,15 +264,7 @@ def _bwd_dq_one_loop(dq, q, do, lse, delta, K, V, BK, BV, IK, IV, skn, svn, sbkn
         vp = tl.max_contiguous(tl.multiple_of(vcol[None, :] + offs_d[:, None] * svd, [16, 1]), [BLOCK_D, 1])
         kt = tl.load(kp, mask=col_ok[None, :], other=0.0)
         vt = tl.load(vp, mask=col_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(col_ok[None, :], p, 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+        dq = _dq_step(dq, q, do, lse, delta, kt, vt, col_ok, qk_scale, UPCAST, DOT_PRECISION)
     return dq
 
 

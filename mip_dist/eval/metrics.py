@@ -85,7 +85,7 @@ def _check_inputs(distmat: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Ten
         raise ValueError(f"max_rank={max_rank} must be >= 1")
 
 
-def _keep_mask(protocol: str, q_pid: torch.Tensor, q_cam: Optional[torch.Tensor],
+def keep_mask(protocol: str, q_pid: torch.Tensor, q_cam: Optional[torch.Tensor],
                g_pids: torch.Tensor, g_cams: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """[C, G] bool in gallery order: entries that survive the protocol's removal rule (None = all)."""
     if protocol == "sysu":
@@ -119,7 +119,7 @@ def _chunk_stats_sorted(dist: torch.Tensor, q_pid: torch.Tensor, q_cam: Optional
     """
     c, g = dist.shape
     order = _stable_argsort(dist)  # ties: ascending gallery index
-    keep = _keep_mask(protocol, q_pid, q_cam, ctx.pids, ctx.cams)
+    keep = keep_mask(protocol, q_pid, q_cam, ctx.pids, ctx.cams)
     match = ctx.pids.unsqueeze(0) == q_pid.unsqueeze(1)
     if keep is not None:
         match &= keep

@@ -203,15 +203,6 @@ FRAME_COLOURS = {True: (0.0, 1.0, 0.0), False: (1.0, 0.0, 0.0)}  # same identity
 RANK_LIST_TOP = 10
 
 
-def _removed(metric: str, q_pid: int, q_cam: int, g_pids: np.ndarray, g_cams: np.ndarray) -> np.ndarray:
-    """Gallery entries the metric's removal rule drops for this query (what the scores never see)."""
-    if metric == "sysu":
-        return (g_cams == 2) & (q_cam == 3)
-    if metric == "llcm":
-        return (g_pids == q_pid) & (g_cams == q_cam)
-    return np.zeros(g_pids.shape, dtype=bool)
-
-
 def _average_precision(same: np.ndarray) -> float:
     """AP of one kept ranked list given its same-identity flags (0 when it holds no match)."""
     pos = np.flatnonzero(same) + 1.0
@@ -226,7 +217,7 @@ def rank_lists(feats: torch.Tensor, row_of: dict[str, int], records: Sequence[di
     Returns {"sample": [...], "worst": [...]}, each entry {"key", "pid", "camera", "ap", "gallery":
     [{"key", "pid", "camera", "distance", "same"}]}; queries without a true match are not listed.
     """
-    from .metrics import pairwise_distance
+    from .metrics import keep_mask, pairwise_distance
 
     query, gallery = setting.trial_query(trial), setting.galleries[trial]
     q_rec = [records[i] for i in query]
@@ -235,10 +226,14 @@ def rank_lists(feats: torch.Tensor, row_of: dict[str, int], records: Sequence[di
                              feats[[row_of[r["key"]] for r in g_rec]]).cpu().numpy()
     g_pids = np.asarray([int(r["pid"]) for r in g_rec])
     g_cams = np.asarray([int(r["camera"]) for r in g_rec])
+    keep = keep_mask(setting.metric, torch.as_tensor([int(r["pid"]) for r in q_rec]),  # the metric's removal rule
+                     torch.as_tensor([int(r["camera"]) for r in q_rec]), torch.as_tensor(g_pids),
+                     torch.as_tensor(g_cams))
     entries = []
     for qi, r in enumerate(q_rec):
         order = np.argsort(dist[qi], kind="stable")
-        order = order[~_removed(setting.metric, int(r["pid"]), int(r["camera"]), g_pids[order], g_cams[order])]
+        if keep is not None:
+            order = order[keep[qi].numpy()[order]]
         same = g_pids[order] == int(r["pid"])
         if not same.any():
             continue
