@@ -35,8 +35,14 @@ def convert(checkpoint: str, out: str, config: Optional[str] = None, overrides: 
             bug_refine: bool = False) -> Path:
     """Read their checkpoint, build the release model, write our exported file; returns its path."""
     from mip_dist.engine.checkpoint import export_model
-    from mip_dist.model.release import release_blob
+    from mip_dist.model.release import NOT_INFERRED, release_blob
 
+    settable = {f"model.{k}" for k in NOT_INFERRED}
+    fixed = [o.split("=", 1)[0] for o in overrides or []  # model.layout=release states what the result is anyway
+             if o.startswith("model.") and o.split("=", 1)[0] not in settable and o != "model.layout=release"]
+    if fixed:  # release_blob takes every other model key from the tensors: refuse rather than ignore
+        raise ConfigError(f"{', '.join(fixed)}: read from the checkpoint's tensors, not settable; the model keys "
+                          f"an override may set are {', '.join(sorted(settable))}")
     target = Path(out)
     if target.exists():
         raise FileExistsError(f"{target} exists; pick another output path")

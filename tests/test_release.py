@@ -343,3 +343,14 @@ def test_release_layout_is_the_same_function_for_every_attention_impl(impl, monk
     images, mod, cam = inputs(cfg, [0, 1, 1, 0])
     with torch.no_grad():
         assert rel_err(other.extract(images, mod, cam), ref.extract(images, mod, cam)) < 1e-5
+
+
+def test_convert_refuses_model_overrides_the_tensors_decide(tmp_path, capsys):
+    """A model key the checkpoint's tensors determine is refused by name, not silently ignored."""
+    _, ours = release_model()
+    their = _save(to_their_naming(ours), tmp_path / "their.pth")
+    cli = _load_launch("convert_release")
+    rc = cli.main([str(their), str(tmp_path / "out.pt"), "model.iael_heads=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: model.iael_heads: read from the checkpoint's tensors")
+    assert not (tmp_path / "out.pt").exists()
