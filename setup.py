@@ -13,7 +13,7 @@ setup(
         "torchvision>=0.19",
         "timm>=1.0,<2",
         "deepspeed>=0.15,<1",
-        "triton>=3.0; platform_system == 'Linux'",
+        "triton>=3.4,<4; platform_system == 'Linux'",  # triton.knobs (first in 3.4; torch 2.14 brings 3.8)
         "webdataset>=0.2.90,<2",
         "accelerate>=0.34,<2",
         "pyyaml>=6",

@@ -31,44 +31,51 @@ def check_inputs(
     inst_k: Optional[torch.Tensor],
     inst_v: Optional[torch.Tensor],
 ) -> None:
-    """Raise a clear ValueError for shapes, dtypes or indices the contract does not allow."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, H, S, D = k.shape
-    if v.shape != k.shape:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-    if q.shape[0] not in (1, B) or q.shape[1] != H or q.shape[3] != D:
-        raise ValueError(f"q {tuple(q.shape)} does not match k {tuple(k.shape)} (q batch must be 1 or {B})")
-    if not q.is_floating_point():
-        raise ValueError(f"q must be a floating-point tensor; got {q.dtype}")
+    """Raise a clear ValueError for shapes, dtypes or indices the contract does not allow (each shape, dtype and
+    device read once: this runs on every call)."""
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        raise ValueError(f"q, k, v must be [B, H, N, D]; got {tuple(qs)}, {tuple(ks)}, {tuple(vs)}")
+    B, H, S, D = ks
+    if vs != ks:
+        raise ValueError(f"k {tuple(ks)} and v {tuple(vs)} differ")
+    if qs[0] not in (1, B) or qs[1] != H or qs[3] != D:
+        raise ValueError(f"q {tuple(qs)} does not match k {tuple(ks)} (q batch must be 1 or {B})")
+    dtype, device = q.dtype, q.device
+    if not dtype.is_floating_point:
+        raise ValueError(f"q must be a floating-point tensor; got {dtype}")
     for name, t in (("k", k), ("v", v), ("bank_k", bank_k), ("bank_v", bank_v), ("inst_k", inst_k), ("inst_v", inst_v)):
-        if t is not None and (t.dtype != q.dtype or t.device != q.device):
-            raise ValueError(f"{name} is {t.dtype} on {t.device}; q is {q.dtype} on {q.device}")
+        if t is not None and (t.dtype != dtype or t.device != device):
+            raise ValueError(f"{name} is {t.dtype} on {t.device}; q is {dtype} on {device}")
     if (bank_k is None) != (bank_v is None):
         raise ValueError("bank_k and bank_v must both be given or both be None")
+    n_keys = S
     if bank_k is not None:
-        if bank_k.dim() != 4 or bank_k.shape[1] != H or bank_k.shape[3] != D or bank_v.shape != bank_k.shape:
-            raise ValueError(f"bank_k/bank_v must be [M, {H}, Pm, {D}]; got {tuple(bank_k.shape)}, {tuple(bank_v.shape)}")
-        if bank_k.shape[0] < 1:
+        bs = bank_k.shape
+        if len(bs) != 4 or bs[1] != H or bs[3] != D or bank_v.shape != bs:
+            raise ValueError(f"bank_k/bank_v must be [M, {H}, Pm, {D}]; got {tuple(bs)}, {tuple(bank_v.shape)}")
+        if bs[0] < 1:
             raise ValueError("bank_k/bank_v must hold at least one entry (M >= 1)")
         if bank_index is None:
-            if bank_k.shape[0] != 1:
-                raise ValueError(f"bank_index is required for a bank of {bank_k.shape[0]} entries "
+            if bs[0] != 1:
+                raise ValueError(f"bank_index is required for a bank of {bs[0]} entries "
                                  "(only a one-entry bank is shared by every sample without an index)")
         else:
             if bank_index.shape != (B,) or bank_index.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"bank_index must be an int tensor of shape ({B},); got "
                                  f"{(tuple(bank_index.shape), bank_index.dtype)}")
-            if bank_index.device != q.device:
-                raise ValueError(f"bank_index is on {bank_index.device}; q is on {q.device}")
-            _check_index_range(bank_index, bank_k.shape[0])
+            if bank_index.device != device:
+                raise ValueError(f"bank_index is on {bank_index.device}; q is on {device}")
+            _check_index_range(bank_index, bs[0])
+        n_keys += bs[2]
     if (inst_k is None) != (inst_v is None):
         raise ValueError("inst_k and inst_v must both be given or both be None")
-    if inst_k is not None and (inst_k.dim() != 4 or inst_k.shape[:2] != (B, H) or inst_k.shape[3] != D
-                               or inst_v.shape != inst_k.shape):
-        raise ValueError(f"inst_k/inst_v must be [{B}, {H}, Pi, {D}]; got {tuple(inst_k.shape)}, {tuple(inst_v.shape)}")
-    n_keys = S + (bank_k.shape[2] if bank_k is not None else 0) + (inst_k.shape[2] if inst_k is not None else 0)
-    if n_keys == 0 and q.shape[2] > 0:
+    if inst_k is not None:
+        ist = inst_k.shape
+        if len(ist) != 4 or ist[:2] != (B, H) or ist[3] != D or inst_v.shape != ist:
+            raise ValueError(f"inst_k/inst_v must be [{B}, {H}, Pi, {D}]; got {tuple(ist)}, {tuple(inst_v.shape)}")
+        n_keys += ist[2]
+    if n_keys == 0 and qs[2] > 0:
         raise ValueError("no keys: the sequence, bank and instance prompts are all empty (softmax over nothing)")
 
 
@@ -98,7 +105,10 @@ def triton_unsupported(q: torch.Tensor) -> Optional[str]:
         return f"dtype {q.dtype} (the Triton kernels take float16, bfloat16, float32)"
     if q.shape[-1] not in TRITON_HEAD_DIMS:
         return f"head dim {q.shape[-1]} (the Triton kernels take {TRITON_HEAD_DIMS})"
-    return triton_unavailable_reason(q.device)
+    reason = triton_unavailable_reason(q.device)
+    if reason is None and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return "bfloat16 on the CPU (Triton's interpreter computes bfloat16 dots wrongly; use float16 or float32)"
+    return reason
 
 
 def resolve_impl(impl: str, q: torch.Tensor) -> str:

@@ -1,19 +1,19 @@
-"""Where the Triton kernels can run, and the compiled / interpreted copies of the kernel module."""
+"""Where the Triton kernels can run; the kernel module, imported once, on first use.
+
+Triton chooses compiled or interpreted execution when `@triton.jit` runs, from TRITON_INTERPRET. The
+kernels are therefore imported lazily (importing mip_dist.kernels does not import triton), and a
+process that wants the interpreter, such as the CPU test session, sets TRITON_INTERPRET=1 before
+the first Triton call.
+"""
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-import threading
-from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
 import torch
 
-_KERNEL_FILE = Path(__file__).with_name("_triton_attention.py")
-_modules: dict[bool, ModuleType] = {}
-_lock = threading.Lock()
+_module: Optional[ModuleType] = None
 
 
 def triton_available() -> bool:
@@ -26,8 +26,25 @@ def triton_available() -> bool:
 
 
 def interpreter_requested() -> bool:
-    """TRITON_INTERPRET=1 in the environment, read at call time (not at import)."""
+    """TRITON_INTERPRET=1 in the environment, read at call time."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def kernel_module() -> ModuleType:
+    """The launchers (mip_dist.kernels._triton_attention), imported on first use."""
+    global _module
+    if _module is None:
+        from . import _triton_attention
+
+        _module = _triton_attention
+    return _module
+
+
+def interpreted() -> bool:
+    """True when the kernels run under Triton's interpreter in this process (fixed at their import)."""
+    import triton
+
+    return not isinstance(kernel_module()._fwd_kernel, triton.runtime.jit.JITFunction)
 
 
 def triton_unavailable_reason(device: torch.device) -> Optional[str]:
@@ -36,35 +53,11 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
         return "triton is not installed"
     if device.type == "cuda":
         return None
-    if device.type == "cpu":
-        if interpreter_requested():
-            return None
+    if device.type != "cpu":
+        return f"device type {device.type!r} is not supported by the Triton kernels"
+    if not interpreter_requested():
         return "tensors are on the CPU and TRITON_INTERPRET=1 is not set (the interpreter runs Triton on CPU)"
-    return f"device type {device.type!r} is not supported by the Triton kernels"
-
-
-def kernel_module(device: torch.device) -> ModuleType:
-    """The kernel module for `device`: interpreted when TRITON_INTERPRET=1 or on CPU, else compiled."""
-    interpret = interpreter_requested() or device.type != "cuda"
-    with _lock:
-        if interpret not in _modules:
-            _modules[interpret] = _load(interpret)
-        return _modules[interpret]
-
-
-def _load(interpret: bool) -> ModuleType:
-    """Execute _triton_attention.py as a fresh module with triton's interpreter knob forced on/off."""
-    import triton
-
-    name = f"{__package__}._triton_attention_{'interpreted' if interpret else 'compiled'}"
-    spec = importlib.util.spec_from_file_location(name, _KERNEL_FILE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    with triton.knobs.runtime.scope():  # restores TRITON_INTERPRET afterwards
-        triton.knobs.runtime.interpret = interpret
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
-    return module
+    if not interpreted():
+        return ("tensors are on the CPU but the Triton kernels were imported compiled: set TRITON_INTERPRET=1 "
+                "before triton is first imported")
+    return None

@@ -5,7 +5,8 @@ module run with its `@triton.jit` kernels replaced by recorders (nothing execute
 out like the model's), and each recorded launch is compiled through the JIT's own binder, so the
 signature, the constexpr strides of 1 and the divisibility-by-16 hints are exactly those a GPU run
 specialises on. `python -m mip_dist.kernels._introspect` prints the table kept in the kernel
-module's docstring (tests/test_kernel_compile.py checks that the two agree).
+module's docstring (tests/test_kernel_compile.py checks that the two agree); `--candidates` prints the
+facts of every autotune candidate instead.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ SM90_MAX_CTAS = 32
 REG_UNIT = 256  # registers are allocated per warp in units of 256
 WARP_UNIT = 4  # warps are allocated in groups of 4 against the register file
 SMEM_UNIT = 128
-KERNELS = ("_fwd_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel", "_bwd_kv_kernel")
+SM90_SMS = 132  # H100 SXM: the one-pass backward's persistent grid is SMs x FUSED_CTAS_PER_SM
+KERNELS = ("_fwd_kernel", "_bwd_fused_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel", "_bwd_kv_kernel")
 
 # one prompted block of the paper's ViT-B: per-sample bank entry (2 modalities) and instance prompts
 PAPER = dict(B=64, H=12, N=211, S=211, D=64, M=2, Pm=16, Pi=16, broadcast_q=False, indexed=True)
@@ -67,7 +69,7 @@ def _noop(*args, **kwargs) -> None:
 @contextlib.contextmanager
 def stub_kernels(module: ModuleType, sink: Optional[list] = None) -> Iterator[Optional[list]]:
     """Replace the module's kernels by recorders for the duration (launches go to `sink`, or nowhere)."""
-    saved = {name: getattr(module, name) for name in KERNELS}
+    saved = {name: getattr(module, name) for name in KERNELS if hasattr(module, name)}  # older copies lack some
     try:
         for name, fn in saved.items():
             setattr(module, name, _Recorder(name, fn, sink))
@@ -98,15 +100,21 @@ def case_inputs(c: dict, dtype: torch.dtype) -> tuple:
 
 
 def record_launches(module: ModuleType, case: str | dict, deterministic: bool = False,
-                    dtype: torch.dtype = torch.bfloat16) -> list[Launch]:
-    """The launches of one forward + backward at a case shape ('paper', 'ipg' or a dict like PAPER)."""
+                    dtype: torch.dtype = torch.bfloat16, fused: Optional[bool] = None) -> list[Launch]:
+    """The launches of one forward + backward at a case shape ('paper', 'ipg' or a dict like PAPER);
+    fused: the backward path (None: the one the host code picks)."""
     c = CASES[case] if isinstance(case, str) else case
     x = case_inputs(c, dtype)
     launches: list[Launch] = []
     scale = c["D"] ** -0.5
-    with stub_kernels(module, launches):
-        o, lse = module.forward(*x, scale)
-        module.backward(torch.empty_like(o), *x, o, lse, scale, deterministic)
+    slots = module._slots
+    module._slots = lambda device: SM90_SMS * module.FUSED_CTAS_PER_SM  # the grid an H100 gets
+    try:
+        with stub_kernels(module, launches):
+            o, lse = module.forward(*x, scale, deterministic)
+            module.backward(torch.empty_like(o), *x, o, lse, scale, deterministic, fused=fused)
+    finally:
+        module._slots = slots
     return launches
 
 
@@ -198,24 +206,29 @@ def wgmma_expected(launch: Launch) -> bool:
     """wgmma takes 64 rows per warpgroup: expected where the kernel's row block (its dots' M) is >= 64."""
     if launch.name == "_bwd_delta_kernel":
         return False
-    rows = launch.kwargs["BLOCK_N"] if launch.name == "_bwd_kv_kernel" else launch.kwargs["BLOCK_M"]
+    by_keys = launch.name in ("_bwd_kv_kernel", "_bwd_fused_kernel")  # their dots' rows are key rows
+    rows = launch.kwargs["BLOCK_N"] if by_keys else launch.kwargs["BLOCK_M"]
     return rows >= 64
 
 
 def label(launch: Launch) -> str:
     """Short name of a launch: kernel plus the flags that change the binary."""
     name = launch.name.replace("_bwd_", "").replace("_kernel", "").strip("_")
-    flags = [k for k in ("ATOMIC", "BANK_ATOMIC", "BANK_SHARED", "ONE_LOOP") if launch.kwargs.get(k)]
+    flags = [k for k in ("ATOMIC", "ATOMIC_DQ", "BANK_ATOMIC", "BANK_SHARED", "ONE_LOOP", "ALIGNED")
+             if launch.kwargs.get(k)]
     return name + "".join(f" {f.lower()}" for f in flags)
 
 
-def table(rows: list[tuple[str, Launch, Facts]]) -> str:
-    """Markdown table of (case, launch, facts) rows, as kept in the kernel module's docstring."""
+def table(rows: list[tuple[str, Launch, Facts]], stages: bool = False) -> str:
+    """Markdown table of (case, launch, facts) rows, as kept in the kernel module's docstring (stages: the
+    block column also gives the pipeline stages, as the autotune candidates differ in them)."""
     lines = ["| case | kernel | grid | warps | block m x n | regs | spill | smem KB | CTAs/SM (regs, smem) | wgmma |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for case, launch, f in rows:
         kw = launch.kwargs
         block = f"{kw.get('BLOCK_M', '-')} x {kw.get('BLOCK_N', '-')}"
+        if stages:
+            block += f", {kw.get('num_stages', '-')} stages"
         grid = "x".join(str(g) for g in launch.grid)
         lines.append(f"| {case} | {label(launch)} | {grid} | {f.warps} | {block} | {f.regs} | {f.spill_bytes} | "
                      f"{f.smem / 1024:.1f} | {f.ctas} ({f.ctas_by_regs}, {f.ctas_by_smem}) | "
@@ -223,20 +236,78 @@ def table(rows: list[tuple[str, Launch, Facts]]) -> str:
     return "\n".join(lines)
 
 
-def measure(module: ModuleType) -> list[tuple[str, Launch, Facts]]:
-    """Facts of every distinct launch at the paper and IPG shapes, atomic and deterministic backward."""
+def compile_all(module: ModuleType) -> list[tuple[str, Launch, object]]:
+    """(case, launch, compiled) of every distinct launch at the paper and IPG shapes: atomic and
+    deterministic modes, the one-pass backward and the 3-launch one (the path for N > 256)."""
     rows, seen = [], set()
     for case in ("paper", "ipg"):
-        for deterministic in (False, True):
-            for launch in record_launches(module, case, deterministic):
-                key = (case, label(launch))
-                if key not in seen:
-                    seen.add(key)
-                    rows.append((case, launch, facts(compile_launch(launch))))
+        for fused in (True, False):
+            for deterministic in (False, True):
+                for launch in record_launches(module, case, deterministic, fused=fused):
+                    key = (case, label(launch))
+                    if key not in seen:
+                        seen.add(key)
+                        rows.append((case, launch, compile_launch(launch)))
     return rows
 
 
+TUNABLE = {"_fwd_kernel": "fwd", "_bwd_fused_kernel": "fused", "_bwd_dq_kernel": "dq"}
+
+
+def candidate_launches(module: ModuleType, case: str | dict,
+                       dtype: torch.dtype = torch.bfloat16) -> list[Launch]:
+    """Every autotune candidate of the tunable launches of one atomic-mode forward + backward (both
+    backward paths) at a case shape: the recorded launch with the candidate's block sizes, warps, stages."""
+    from ._configs import TUNED, candidate_params
+
+    c = CASES[case] if isinstance(case, str) else case
+    out, seen = [], set()
+    for fused in (True, False):
+        for launch in record_launches(module, c, dtype=dtype, fused=fused):
+            kernel = TUNABLE.get(launch.name)
+            if kernel is None:
+                continue
+            for params in candidate_params(kernel, dtype, c["N"], c["S"], c["Pm"], c["Pi"], c["D"]):
+                kwargs = {**{k: v for k, v in launch.kwargs.items() if k not in TUNED}, **params}
+                key = (launch.name, tuple(sorted(kwargs.items())))
+                if key not in seen:
+                    seen.add(key)
+                    out.append(Launch(launch.name, launch.fn, launch.grid, launch.args, kwargs))
+    return out
+
+
+def measure(module: ModuleType) -> list[tuple[str, Launch, Facts]]:
+    """Facts of every launch of `compile_all`."""
+    return [(case, launch, facts(compiled)) for case, launch, compiled in compile_all(module)]
+
+
+def binary_facts(case: str, launch: Launch, compiled) -> dict:
+    """JSON-able facts of one compiled launch, for tests that run the compiler in a child process."""
+    ptx = compiled.asm["ptx"]
+    atomics = re.findall(r"\b(?:red|atom)\.[\w.]+", ptx)
+    code = sass(compiled) if atomics else ""
+    return dict(case=case, name=launch.name, label=label(launch), kwargs={k: v for k, v in launch.kwargs.items()
+                                                                          if isinstance(v, (bool, int, str))},
+                facts=dataclasses.asdict(facts(compiled)), problems=problems(facts(compiled), wgmma_expected(launch)),
+                specialised=bool(compiled.src.constants), hinted=any(bool(a) for a in compiled.src.attrs.values()),
+                ptx_atomics=atomics, redg=bool(re.search(r"\bREDG\.", code)),
+                fences=[f for f in ("MEMBAR.ALL.GPU", "MEMBAR.SC", "CCTL.IVALL", "ATOMG.") if f in code],
+                cp_async="cp.async" in ptx)
+
+
 if __name__ == "__main__":
+    import json
+    import sys
+
     from mip_dist.kernels import _backend
 
-    print(table(measure(_backend.kernel_module(torch.device("cuda")))))
+    if "--candidates" in sys.argv[1:]:  # every autotune candidate at the paper and IPG shapes
+        rows = [(case, launch, compile_launch(launch)) for case in CASES
+                for launch in candidate_launches(_backend.kernel_module(), case)]
+    else:
+        rows = compile_all(_backend.kernel_module())
+    if "--json" in sys.argv[1:]:  # for tests/test_kernel_compile.py, which runs this without the interpreter
+        print(json.dumps(dict(table=table([(c, l, facts(x)) for c, l, x in rows]),
+                              rows=[binary_facts(*r) for r in rows])))
+    else:
+        print(table([(c, l, facts(x)) for c, l, x in rows], stages="--candidates" in sys.argv[1:]))

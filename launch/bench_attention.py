@@ -1,27 +1,33 @@
 """Benchmark the fused prompt attention against concat + SDPA (each backend), FlexAttention and PyTorch.
 
 GPU: every implementation's output and all 7 gradients are checked against the fp32 reference
-first (a wrong one is not timed); then forward, backward and forward+backward time
-(triton.testing.do_bench, median), TFLOP/s, effective GB/s and the HBM bound (ideal bytes: every
+first (a wrong one is not timed); then forward, backward and forward+backward time, twice: launched
+one by one (triton.testing.do_bench, median: host launch cost included) and replayed from a CUDA graph
+(do_bench_cudagraph: GPU time only); TFLOP/s, effective GB/s and the HBM bound (ideal bytes: every
 input and output moved once, forward plus backward for fwd+bwd; peak bandwidth from the GPU's name,
-or a measured device copy) per row, at the paper block shapes and the IPG shape; prints a table and
-writes JSON (--out). CPU: runs the Triton-interpreter correctness smoke instead (small shapes vs the
-fp64 reference) and says that timings need a GPU.
+or a measured device copy) per row, at the paper block shapes and the IPG shape; FlexAttention is
+compiled per shape (the recompile limit sized to the sweep). --e2e adds the paper model's
+forward+backward img/s for attention.impl triton / torch / concat. Prints a table and writes JSON
+(--out). CPU: runs the Triton-interpreter correctness smoke instead (small shapes vs the fp64
+reference) and says that timings need a GPU.
 
     python launch/bench_attention.py --out bench_attention.json
+    python launch/bench_attention.py --e2e --impls fused-triton   # + model img/s per attention.impl
     python launch/bench_attention.py --analytic         # counted HBM bytes per design vs ideal (no GPU)
     python launch/bench_attention.py --host-overhead    # Python launch time, kernels stubbed (no GPU)
-    python launch/bench_attention.py --host-overhead --baseline-kernel-file /tmp/old_kernels.py  # before/after
+    git worktree add /tmp/old HEAD~1 && python launch/bench_attention.py --host-overhead --baseline-kernels /tmp/old/kernels
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
+import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -32,7 +38,28 @@ from unittest import mock
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+class _KernelsFrom:
+    """Import hook: `mip_dist.kernels` and its modules from another copy of kernels/ (the --baseline-kernels
+    child process), ahead of the editable install's mapping to this checkout."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def find_spec(self, fullname: str, path=None, target=None):
+        from importlib.machinery import PathFinder
+
+        if fullname == "mip_dist.kernels":
+            return importlib.util.spec_from_file_location(fullname, self.path / "__init__.py",
+                                                          submodule_search_locations=[str(self.path)])
+        if fullname.startswith("mip_dist.kernels."):
+            return PathFinder.find_spec(fullname, [str(self.path)])
+        return None
+
+
+REPO = Path(__file__).resolve().parents[1]
+if os.environ.get("MIP_BENCH_KERNELS_DIR"):  # --baseline-kernels child: time another copy of kernels/
+    sys.meta_path.insert(0, _KernelsFrom(Path(os.environ["MIP_BENCH_KERNELS_DIR"])))
 
 from mip_dist.kernels import prompt_attention, prompt_attention_math  # noqa: E402
 from mip_dist.kernels.reference import gather_keys  # noqa: E402
@@ -67,9 +94,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--analytic", action="store_true", help="print counted HBM bytes per design vs ideal, exit")
     p.add_argument("--host-overhead", action="store_true",
                    help="time the Python launch path with the kernels stubbed out (CPU), exit")
-    p.add_argument("--baseline-kernel-file", type=Path, default=None,
-                   help="with --host-overhead: also time this copy of _triton_attention.py, side by side")
+    p.add_argument("--baseline-kernels", type=Path, default=None,
+                   help="with --host-overhead: also time this copy of the kernels/ folder, side by side")
+    p.add_argument("--host-overhead-rows", action="store_true", help=argparse.SUPPRESS)  # the baseline child
     p.add_argument("--host-iters", type=int, default=300, help="--host-overhead calls per repeat")
+    p.add_argument("--host-rounds", type=int, default=3, help="--host-overhead alternating rounds (least kept)")
+    p.add_argument("--e2e", action="store_true",
+                   help="GPU: also time the paper model's forward+backward (img/s) per attention.impl")
+    p.add_argument("--e2e-config", default=str(REPO / "configs" / "mip_vitb16_sysu.yaml"))
+    p.add_argument("--e2e-batch", type=int, default=64)
+    p.add_argument("--e2e-rounds", type=int, default=3, help="alternating timed rounds per impl")
+    p.add_argument("--e2e-steps", type=int, default=5, help="steps per round")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 
@@ -145,8 +180,8 @@ def _fp32_bank_grads(c: dict, es: int) -> float:
     return 3 * f32 + t["bank"]
 
 
-def today_bytes(c: dict, es: int) -> dict[str, float]:
-    """The implemented design: one forward; backward = delta pass, dq pass, dk/dv pass (atomic mode)."""
+def three_launch_bytes(c: dict, es: int) -> dict[str, float]:
+    """The 3-launch backward (the path for N > 256): delta pass, dq pass, dk/dv pass (atomic mode)."""
     t = tensor_bytes(c, es)
     keys = t["kv"] + t["inst"] + t["bank"] + t["index"]
     fwd = ideal_bytes(c, es)["fwd"]
@@ -157,16 +192,20 @@ def today_bytes(c: dict, es: int) -> dict[str, float]:
     return {"fwd": fwd, "bwd": delta + dq + kv, "fwd+bwd": fwd + delta + dq + kv}
 
 
-def fused_bwd_bytes(c: dict, es: int) -> dict[str, float]:
-    """Proposed for N <= 256: one CTA per (b, h) computes scores and dP once (delta folded, dq on chip)."""
+def one_pass_bytes(c: dict, es: int, slots: int = 264) -> dict[str, float]:
+    """The default for N <= 256: persistent programs own whole (b, h) tiles and compute scores and dP once
+    (delta folded in); each program's fp32 dq/delta workspace slot is reused tile after tile, so it is
+    written back once (slots = 132 SMs x 2 CTAs on an H100 SXM), not per tile."""
     t = tensor_bytes(c, es)
     ideal = ideal_bytes(c, es)
-    bwd = ideal["bwd"] - t["bank"] + _fp32_bank_grads(c, es)
+    workspace = min(slots, c["B"] * c["H"]) * c["N"] * (c["D"] + 1) * 4
+    dq_extra = 3 * t["q"] * 4 / es if c["broadcast_q"] else 0  # broadcast q: fp32 zero, atomics, cast
+    bwd = ideal["bwd"] - t["bank"] + _fp32_bank_grads(c, es) + workspace + dq_extra
     return {"fwd": ideal["fwd"], "bwd": bwd, "fwd+bwd": ideal["fwd"] + bwd}
 
 
-DESIGNS = {"today: 3-launch FA2 backward": today_bytes,
-           "proposed: one-pass backward (not implemented)": fused_bwd_bytes}
+DESIGNS = {"3-launch: delta, dq, dk/dv (N > 256)": three_launch_bytes,
+           "one-pass: persistent (b, h) tiles (N <= 256)": one_pass_bytes}
 
 
 def analytic(args: argparse.Namespace) -> dict:
@@ -190,30 +229,17 @@ def analytic(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------------------------
 # host overhead: the Python launch path with every kernel stubbed out
 # ----------------------------------------------------------------------------------------------
-def load_kernel_file(path: Path) -> ModuleType:
-    """A compiled-mode copy of a kernel file (e.g. an older revision) to time side by side."""
-    import triton
-
-    name = f"bench_kernels_{abs(hash(str(path)))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = False
-        spec.loader.exec_module(module)
-    return module
-
-
 def _per_call_us(fn: Callable[[], object], iters: int, repeats: int = 9) -> float:
-    """Least mean wall time per call over repeats, in microseconds: the repeat least disturbed by other load."""
+    """Least mean CPU time of this thread per call over repeats, in microseconds: the host path is one Python
+    thread, and its CPU time leaves out the time other processes hold the core (wall time does not)."""
     for _ in range(max(iters // 10, 5)):
         fn()
     samples = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         for _ in range(iters):
             fn()
-        samples.append((time.perf_counter() - t0) / iters * 1e6)
+        samples.append((time.thread_time() - t0) / iters * 1e6)
     return min(samples)
 
 
@@ -223,14 +249,34 @@ def routed_to(module: ModuleType):
     from mip_dist import kernels
     from mip_dist.kernels import _introspect, _op
 
-    with _introspect.stub_kernels(module), mock.patch.object(_op, "kernel_module", lambda device: module), \
+    with _introspect.stub_kernels(module), mock.patch.object(_op, "kernel_module", lambda: module), \
             mock.patch.object(kernels, "triton_unsupported", lambda q: None):
         yield
 
 
+def _autograd_floor(xs: list, o: torch.Tensor, lse: torch.Tensor) -> type:
+    """An autograd.Function with the entry's 10 inputs and 10 saved tensors that does no work: what autograd
+    itself costs per call, which no launcher change can remove."""
+    grads = tuple(t.new_empty(t.shape) if t is not None and t.is_floating_point() else None for t in xs) + (None, None)
+
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            out = o.new_empty(o.shape)  # (empty_like goes through a slow Python path on meta tensors)
+            ctx.save_for_backward(*args[:8], out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, do):
+            ctx.saved_tensors
+            return grads
+
+    return Floor
+
+
 def host_overhead_of(module: ModuleType, c: dict, iters: int) -> dict[str, float]:
     """Microseconds per call of the launchers and of the full entry point + autograd, kernels stubbed."""
-    from mip_dist.kernels import _introspect
+    from mip_dist.kernels import _introspect, _op
 
     x = [t.to("meta") if t is not None else None for t in _introspect.case_inputs(c, torch.bfloat16)]
     scale = c["D"] ** -0.5
@@ -250,30 +296,58 @@ def host_overhead_of(module: ModuleType, c: dict, iters: int) -> dict[str, float
         out["entry fwd (autograd)"] = _per_call_us(lambda: prompt_attention(**kw, impl="triton"), iters)
         out["entry bwd (autograd.grad)"] = _per_call_us(
             lambda: torch.autograd.grad(y, need, do, retain_graph=True), iters)
+        # the eager autograd.Function vs the custom op it stands in for (same formula, no input checks), and
+        # autograd's own cost for a Function of this signature that does nothing
+        floor = _autograd_floor(xs, o, lse)
+        for name, call in (("Function", lambda: _op._PromptAttention.apply(*xs, scale, False)),
+                           ("custom op", lambda: _op.prompt_attention_fwd(*xs, scale, False)[0]),
+                           ("no-op Function (autograd floor)", lambda: floor.apply(*xs, scale, False))):
+            out[f"{name} fwd"] = _per_call_us(call, iters)
+            z = call()
+            out[f"{name} bwd"] = _per_call_us(lambda: torch.autograd.grad(z, need, do, retain_graph=True), iters)
     return out
 
 
-def host_overhead(args: argparse.Namespace) -> dict:
-    """Per-call host time (kernels stubbed) of this checkout's kernels and optionally a baseline copy."""
+def host_overhead_rows(iters: int, label: str) -> list[dict]:
+    """host_overhead_of this process's kernels at the paper and IPG shapes, as rows."""
     from mip_dist.kernels import _backend, _introspect
 
-    modules = {"current": _backend.kernel_module(torch.device("cuda"))}
-    if args.baseline_kernel_file is not None:
-        modules = {"baseline": load_kernel_file(args.baseline_kernel_file), **modules}
-    rows = []
-    for case in ("paper", "ipg"):
-        for label, module in modules.items():
-            for what, us in host_overhead_of(module, _introspect.CASES[case], args.host_iters).items():
-                rows.append(dict(case=case, kernels=label, path=what, us=us))
-    print(f"host time per call, kernels stubbed, meta tensors ({platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs); triton's own launch cost is not included")
-    print(f"{'case':6s} {'path':28s} " + " ".join(f"{k:>10s}" for k in modules)
-          + (f" {'ratio':>7s}" if len(modules) > 1 else ""))
+    return [dict(case=case, kernels=label, path=what, us=us) for case in ("paper", "ipg")
+            for what, us in host_overhead_of(_backend.kernel_module(), _introspect.CASES[case], iters).items()]
+
+
+def host_overhead(args: argparse.Namespace) -> dict:
+    """Per-call host time (kernels stubbed) of this checkout's kernels and optionally a baseline copy of the
+    kernels/ folder (e.g. a `git worktree` of an older commit), the baseline measured in a child process
+    that imports it in place of this checkout's; rows side by side with the ratio baseline / current."""
+    samples = []
+    labels = ["current"] if args.baseline_kernels is None else ["baseline", "current"]
+    for _ in range(args.host_rounds):  # alternating rounds, the least per path: load drifts between runs
+        if args.baseline_kernels is not None:
+            env = {**os.environ, "MIP_BENCH_KERNELS_DIR": str(args.baseline_kernels.resolve())}
+            child = subprocess.run([sys.executable, __file__, "--host-overhead-rows", "--host-iters",
+                                    str(args.host_iters)], env=env, capture_output=True, text=True, timeout=900)
+            if child.returncode != 0:
+                raise RuntimeError(f"baseline kernels {args.baseline_kernels}: {child.stderr[-2000:]}")
+            samples += json.loads(child.stdout.strip().splitlines()[-1])
+        samples += host_overhead_rows(args.host_iters, "current")
+    least: dict[tuple, dict] = {}
+    for r in samples:
+        key = (r["case"], r["kernels"], r["path"])
+        if key not in least or r["us"] < least[key]["us"]:
+            least[key] = r
+    rows = list(least.values())
+    print(f"host CPU time per call (this thread, least of {args.host_rounds} rounds x 9 repeats x {args.host_iters} "
+          f"calls), kernels stubbed, meta tensors ({platform.processor() or platform.machine()}, {os.cpu_count()} "
+          "CPUs); triton's own launch cost is not included")
+    print(f"{'case':6s} {'path':38s} " + " ".join(f"{k:>10s}" for k in labels)
+          + (f" {'ratio':>7s}" if len(labels) > 1 else ""))
     for case in ("paper", "ipg"):
         for what in dict.fromkeys(r["path"] for r in rows):
             us = {r["kernels"]: r["us"] for r in rows if r["case"] == case and r["path"] == what}
-            line = f"{case:6s} {what:28s} " + " ".join(f"{us[k]:8.1f}us" for k in modules)
-            if len(modules) > 1:
+            line = f"{case:6s} {what:38s} " + " ".join(f"{us[k]:8.1f}us" if k in us else f"{'-':>10s}"
+                                                       for k in labels)
+            if len(us) > 1:
                 line += f" {us['baseline'] / us['current']:6.2f}x"
             print(line)
     return {"host_overhead": rows}
@@ -299,12 +373,21 @@ def concat_sdpa(backend) -> Callable:
     return run
 
 
-def flex_concat() -> Callable:
-    """FlexAttention (compiled once per shape: dynamo's recompile limit is raised for the sweep)."""
+def flex_concat(shapes: int) -> Callable:
+    """FlexAttention, compiled once per shape and grad mode (dynamic=False): dynamo's recompile limit is
+    raised to cover the sweep's `shapes`, and hitting it raises instead of silently falling back to eager
+    (which would time an uncompiled FlexAttention)."""
     import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    config = torch._dynamo.config
+    needed = 2 * shapes + 4  # no-grad and grad forward per shape, and a margin
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, then its older alias
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), needed))
+            break
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        config.fail_on_recompile_limit_hit = True
     flex = torch.compile(flex_attention, dynamic=False)
 
     def run(q, k, v, bank_k, bank_v, bank_index, inst_k=None, inst_v=None):
@@ -314,7 +397,8 @@ def flex_concat() -> Callable:
     return run
 
 
-def implementations() -> dict[str, Callable]:
+def implementations(shapes: int = 1) -> dict[str, Callable]:
+    """name -> fn(**inputs) -> o for every implementation; `shapes`: how many shapes the sweep compiles for."""
     from torch.nn.attention import SDPBackend
 
     impls: dict[str, Callable] = {
@@ -324,7 +408,7 @@ def implementations() -> dict[str, Callable]:
     for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
         if hasattr(SDPBackend, name):
             impls[f"concat+sdpa-{name.lower().replace('_attention', '')}"] = concat_sdpa(getattr(SDPBackend, name))
-    impls["flex-attention"] = flex_concat()
+    impls["flex-attention"] = flex_concat(shapes)
     impls["torch-path"] = lambda **x: prompt_attention(**x, impl="torch")
     impls["torch-math"] = lambda **x: prompt_attention_math(**x)
     return impls
@@ -356,32 +440,44 @@ def measured_copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
-def time_modes(fn: Callable, x: dict, warmup: int, rep: int) -> dict[str, object]:
-    """Median ms of forward (no grad), backward (retained graph) and forward+backward; an error string
-    instead of a time for a mode that fails (e.g. a backend without a backward)."""
-    from triton.testing import do_bench
+TIMERS = ("do_bench", "cuda graph")  # launches timed one by one (host cost included), and replayed from a graph
 
+
+def _timer(name: str, warmup: int, rep: int) -> Callable:
+    """bench(fn, grad_to_none) -> median ms: triton's do_bench, or do_bench_cudagraph (one graph of unrolled
+    calls, so the host's launch cost drops out and what is left is the GPU time)."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    if name == "do_bench":
+        return lambda fn, grads=None: do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="median")
+    return lambda fn, grads=None: do_bench_cudagraph(fn, rep=rep, grad_to_none=grads, return_mode="median")
+
+
+def time_modes(fn: Callable, x: dict, warmup: int, rep: int, timer: str = "do_bench") -> dict[str, object]:
+    """Median ms of forward (no grad), backward (retained graph) and forward+backward with `timer`; an error
+    string instead of a time for a mode that fails (e.g. a backend without a backward, or not capturable)."""
+    bench = _timer(timer, warmup, rep)
     grads = leaves(x)
     out: dict[str, object] = {}
     with torch.no_grad():
         do = torch.randn_like(fn(**x))
-    try:
+
+    def fwd() -> None:
         with torch.no_grad():
-            out["fwd"] = do_bench(lambda: fn(**x), warmup=warmup, rep=rep, return_mode="median")
-    except Exception as exc:
-        out["fwd"] = _reason(exc)
-    try:
-        o = fn(**x)
-        out["bwd"] = do_bench(lambda: o.backward(do, retain_graph=True), warmup=warmup, rep=rep,
-                              grad_to_none=grads, return_mode="median")
-        del o
-    except Exception as exc:
-        out["bwd"] = _reason(exc)
-    try:
-        out["fwd+bwd"] = do_bench(lambda: fn(**x).backward(do), warmup=warmup, rep=rep, grad_to_none=grads,
-                                  return_mode="median")
-    except Exception as exc:
-        out["fwd+bwd"] = _reason(exc)
+            fn(**x)
+
+    for mode in MODES:
+        try:
+            if mode == "fwd":
+                out[mode] = bench(fwd)
+            elif mode == "bwd":
+                o = fn(**x)
+                out[mode] = bench(lambda: o.backward(do, retain_graph=True), grads)
+                del o
+            else:
+                out[mode] = bench(lambda: fn(**x).backward(do), grads)
+        except Exception as exc:
+            out[mode] = _reason(exc)
     return out
 
 
@@ -416,7 +512,7 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     if peak is None:
         peak, peak_source = measured_copy_bandwidth(), "measured copy"
     print(f"peak HBM bandwidth {peak / 1e12:.2f} TB/s ({peak_source})")
-    impls = implementations()
+    impls = implementations(len(cases(args)))
     if args.impls:
         impls = {k: v for k, v in impls.items() if k in args.impls}
     es = dtype.itemsize
@@ -432,19 +528,28 @@ def bench_gpu(args: argparse.Namespace) -> dict:
                 bad = {k: e for k, e in errs.items() if not e <= GRAD_TOL[dtype]}
                 times = ({mode: f"wrong vs reference: {bad}" for mode in MODES} if bad
                          else time_modes(fn, x, args.warmup, args.rep))
+                graph = times if bad else time_modes(fn, x, args.warmup, args.rep, timer="cuda graph")
             except Exception as exc:  # a backend may not take these shapes/dtype on this GPU
                 errs, times = None, {mode: _reason(exc) for mode in MODES}
+                graph = times
             for mode in MODES:
-                ms = times[mode]
+                ms, ms_graph = times[mode], graph[mode]
                 if isinstance(ms, str):
                     rows.append({**base, "mode": mode, "status": "unavailable", "reason": ms, "rel_err": errs})
                     continue
                 bound_ms = ideal[mode] / peak * 1e3
-                rows.append({**base, "mode": mode, "status": "ok", "ms": ms, "rel_err": errs,
-                             "tflops": flops(c, mode) / ms * 1e-9, "gbps": ideal[mode] / ms * 1e-6,
-                             "hbm_bound_ms": bound_ms, "x_hbm_bound": ms / bound_ms})
+                row = {**base, "mode": mode, "status": "ok", "ms": ms, "rel_err": errs,
+                       "tflops": flops(c, mode) / ms * 1e-9, "gbps": ideal[mode] / ms * 1e-6,
+                       "hbm_bound_ms": bound_ms, "x_hbm_bound": ms / bound_ms}
+                if isinstance(ms_graph, str):
+                    row["graph_reason"] = ms_graph
+                else:
+                    row.update(ms_graph=ms_graph, x_hbm_bound_graph=ms_graph / bound_ms)
+                rows.append(row)
             summary = ", ".join(f"{m} {times[m]:.3f} ms" if not isinstance(times[m], str)
                                 else f"{m} unavailable ({times[m]})" for m in MODES)
+            summary += " | cuda graph: " + ", ".join(f"{m} {graph[m]:.3f}" if not isinstance(graph[m], str)
+                                                    else f"{m} n/a" for m in MODES)
             if errs is not None:
                 summary += f" (max rel err {max(errs.values()):.2e} over o + {len(errs) - 1} grads)"
             print(f"  {name:28s} {c['kind']} B={c['B']} N={c['N']}: {summary}", flush=True)
@@ -454,21 +559,76 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     return {"device": device_name, "peak_bw": peak, "peak_bw_source": peak_source, "rows": rows}
 
 
+E2E_IMPLS = ("triton", "torch", "concat")  # fused kernel, exact compute in PyTorch, literal concatenation
+
+
+def bench_e2e(args: argparse.Namespace) -> dict:
+    """The paper model's forward + MIPLoss + backward in bf16, img/s per attention.impl, in alternating rounds
+    on one model (same weights and inputs): triton / torch isolates the kernel (both compute the same
+    exact attention), torch / concat the exact compute."""
+    import statistics
+
+    from mip_dist.config import load_config
+    from mip_dist.losses import MIPLoss
+    from mip_dist.model import build_model
+
+    cfg = load_config(args.e2e_config, ["model.pretrained="])  # random init: never downloads weights
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.attention, num_classes=395, num_cameras=6)
+    model = model.to(device="cuda", dtype=torch.bfloat16).train()
+    criterion, B = MIPLoss(cfg.loss), args.e2e_batch
+    images = torch.randn(B, 3, *cfg.model.img_size, device="cuda", dtype=torch.bfloat16)
+    modality, camera, pids = (torch.arange(B, device="cuda") % 2, torch.arange(B, device="cuda") % 6,
+                              torch.arange(B, device="cuda") // 4)
+
+    def steps(impl: str, n: int) -> float:
+        """Seconds per step over n steps (CUDA events)."""
+        model.attention_impl = impl
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            model.zero_grad(set_to_none=True)
+            criterion(model(images, modality, camera), pids, modality, epoch=1000)[0].backward()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / n
+
+    for impl in E2E_IMPLS:  # warm-up: autotuning, compilation, allocator
+        steps(impl, 2)
+    per_step: dict[str, list[float]] = {impl: [] for impl in E2E_IMPLS}
+    for r in range(args.e2e_rounds):
+        for impl in (E2E_IMPLS if r % 2 == 0 else E2E_IMPLS[::-1]):
+            per_step[impl].append(steps(impl, args.e2e_steps))
+    img_s = {impl: B / statistics.median(t) for impl, t in per_step.items()}
+    print(f"\nend to end: {cfg.model.embed_dim}d x {cfg.model.depth} blocks, batch {B}, bf16, forward + loss + "
+          f"backward, median of {args.e2e_rounds} alternating rounds x {args.e2e_steps} steps")
+    for impl in E2E_IMPLS:
+        print(f"  attention.impl {impl:7s} {img_s[impl]:8.1f} img/s")
+    print(f"  triton / torch (the kernel, same exact compute): {img_s['triton'] / img_s['torch']:.2f}x; "
+          f"torch / concat (exact compute): {img_s['torch'] / img_s['concat']:.2f}x")
+    return {"e2e": {"batch": B, "img_s": img_s, "sec_per_step": per_step,
+                    "triton_over_torch": img_s["triton"] / img_s["torch"],
+                    "torch_over_concat": img_s["torch"] / img_s["concat"]}}
+
+
 def _row_key(r: dict) -> tuple:
     return r["case"], r["B"], r["N"], r["mode"]
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """Each ok row gets fused_speedup = its time / fused-triton time at the same shape and mode."""
-    fused = {_row_key(r): r["ms"] for r in rows if r["impl"] == "fused-triton" and r["status"] == "ok"}
-    for r in rows:
-        if r["status"] == "ok" and _row_key(r) in fused:
-            r["fused_speedup"] = r["ms"] / fused[_row_key(r)]
+    """Each ok row gets fused_speedup = its time / fused-triton's at the same shape and mode (do_bench), and
+    fused_speedup_graph from the CUDA-graph times where both have one."""
+    for ms, out in (("ms", "fused_speedup"), ("ms_graph", "fused_speedup_graph")):
+        fused = {_row_key(r): r[ms] for r in rows if r["impl"] == "fused-triton" and ms in r}
+        for r in rows:
+            if ms in r and _row_key(r) in fused:
+                r[out] = r[ms] / fused[_row_key(r)]
 
 
 def print_table(rows: list[dict]) -> None:
+    nan = float("nan")
     head = (f"{'impl':28s} {'case':5s} {'B':>4s} {'N':>4s} {'mode':8s} {'ms':>8s} {'TFLOP/s':>8s} {'GB/s':>7s} "
-            f"{'HBM ms':>7s} {'xHBM':>6s} {'fused x':>8s}")
+            f"{'HBM ms':>7s} {'xHBM':>6s} {'fused x':>8s} {'graph ms':>8s} {'xHBM':>6s} {'fused x':>8s}")
     print(head)
     print("-" * len(head))
     for r in sorted(rows, key=lambda r: (r["case"], r["B"], r["N"], MODES.index(r["mode"]))):
@@ -477,9 +637,10 @@ def print_table(rows: list[dict]) -> None:
             continue
         print(f"{r['impl']:28s} {r['case']:5s} {r['B']:4d} {r['N']:4d} {r['mode']:8s} {r['ms']:8.3f} "
               f"{r['tflops']:8.1f} {r['gbps']:7.0f} {r['hbm_bound_ms']:7.3f} {r['x_hbm_bound']:6.2f} "
-              f"{r.get('fused_speedup', float('nan')):8.2f}")
+              f"{r.get('fused_speedup', nan):8.2f} {r.get('ms_graph', nan):8.3f} {r.get('x_hbm_bound_graph', nan):6.2f} "
+              f"{r.get('fused_speedup_graph', nan):8.2f}")
     print("fused x = this row's time / fused-triton's time (same shape, mode); xHBM = time / HBM bound "
-          "(ideal bytes of the mode, fwd+bwd = fwd + bwd bytes)")
+          "(ideal bytes of the mode, fwd+bwd = fwd + bwd bytes); graph: the same from do_bench_cudagraph")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,7 +655,7 @@ SMOKE = [  # B, H, N, S, M, Pm, Pi, D, broadcast q, dtype
 
 def smoke_cpu() -> dict:
     """Fused kernels under TRITON_INTERPRET=1 vs the fp64 reference: max |error| of o and each gradient."""
-    os.environ["TRITON_INTERPRET"] = "1"  # read by the dispatch at call time
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' first use, which imports triton
     results = []
     for B, H, N, S, M, Pm, Pi, D, bq, dtype in SMOKE:
         g = torch.Generator().manual_seed(0)
@@ -523,11 +684,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except ImportError:
+    try:  # the version without importing triton: the CPU smoke must choose the interpreter first
+        meta["triton"] = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         meta["triton"] = None
+    if args.host_overhead_rows:  # the --baseline-kernels child: rows as one JSON line
+        print(json.dumps(host_overhead_rows(args.host_iters, "baseline")))
+        return 0
     if args.analytic or args.host_overhead:
         result = {}
         if args.analytic:
@@ -540,6 +703,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = bench_gpu(args)
         print()
         print_table(result["rows"])
+        if args.e2e:
+            result.update(bench_e2e(args))
     else:
         print("No CUDA device: running the Triton-interpreter correctness smoke (max |error| vs fp64).")
         try:

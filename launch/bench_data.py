@@ -26,17 +26,15 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from torch.utils.data import DataLoader, Dataset
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-
-from mip_dist.config import DataConfig  # noqa: E402
-from mip_dist.data.layouts import read_dataset  # noqa: E402
-from mip_dist.data.shards import write_shards  # noqa: E402
-from mip_dist.data.stream import build_train_stream  # noqa: E402
-from mip_dist.data.synthetic import MARKER, generate_synthetic  # noqa: E402
-from mip_dist.data.transforms import decode_rgb, decode_rgb_pil, train_transform  # noqa: E402
+from mip_dist.config import DataConfig
+from mip_dist.data.layouts import read_dataset
+from mip_dist.data.shards import write_shards
+from mip_dist.data.stream import build_train_stream
+from mip_dist.data.transforms import decode_rgb, decode_rgb_pil, train_transform
+from mip_dist.demo.synthetic import MARKER, generate_synthetic
 
 
 class FolderDataset(Dataset):
@@ -82,6 +80,10 @@ def run_scale(ids_list: list[int], batches: int) -> int:
     print("(one epoch = all images / 64 up to 5,000 identities, else a 2,000-batch window, so 'ids seen' is not an "
           "epoch's coverage there; K 8 on chunks of 4: a run whose data.num_instances exceeds the shards' "
           "--chunk-instances)")
+    buffer = DataConfig.buffer_size
+    print(f"buffer memory: at most data.buffer_size = {buffer:,} samples per dataset per loader worker, each its "
+          f"stored image bytes plus its metadata; e.g. {buffer * 20 / 1024:.0f} MiB at 20 KB per stored image, "
+          f"{buffer * 100 / 1024:.0f} MiB at 100 KB; independent of the number of identities")
     return 0
 
 

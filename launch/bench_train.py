@@ -21,12 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from mip_dist.config import load_config
+from mip_dist.demo.prepare import ensure_synthetic_shards
+from mip_dist.engine.distributed import free_port
 
-from mip_dist.config import load_config  # noqa: E402
-from mip_dist.data.prepare import ensure_synthetic_shards  # noqa: E402
-from mip_dist.engine.distributed import free_port  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TRAIN = str(REPO / "launch" / "train.py")
 

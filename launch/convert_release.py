@@ -34,7 +34,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def convert(checkpoint: str, out: str, config: Optional[str] = None, overrides: Optional[list[str]] = None,
             bug_refine: bool = False) -> Path:
     """Read their checkpoint, build the release model, write our exported file; returns its path."""
-    from mip_dist.engine.checkpoint import export_model
+    from mip_dist.engine.export import export_model
     from mip_dist.model.release import NOT_INFERRED, release_blob
 
     settable = {f"model.{k}" for k in NOT_INFERRED}

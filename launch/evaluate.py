@@ -21,17 +21,18 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from mip_dist.cli import debug_requested, report_error
-from mip_dist.config import Config, ConfigError, from_dict, load_config, parse_override, to_dict
+from mip_dist.config import Config, ConfigError, from_dict, load_config, to_dict
 from mip_dist.data.shards import ShardError
+from mip_dist.engine.export import load_exported
+from mip_dist.engine.safe_load import CheckpointError
 from mip_dist.eval.protocols import PROTOCOL_NAMES, ProtocolError
 
 # model settings that change neither parameter shapes nor test-time features
@@ -60,6 +61,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--visualize", action="store_true",
                    help="also write rank lists (query + top-10, green = same id), the worst-AP queries, "
                         "t-SNE and attention-overlay figures")
+    p.add_argument("--dataset", default=None, metavar="NAME",
+                   help="a model trained on several datasets (data.shards a list): evaluate on this one's test "
+                        "shards (default: its folder; --shards overrides), with its cameras")
+    p.add_argument("--cross-dataset", action="store_true",
+                   help="test shards of another dataset than the model's: identity counts may differ (the "
+                        "classifier is not used for retrieval); cameras must fit the model's camera table")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--release", action="store_true",
                    help="checkpoints saved by the MIP authors' code (detected automatically otherwise)")
@@ -69,67 +76,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-EXPECTED = "expected an exported model such as model_final.pt / model_best.pt from the run folder"
-# files DeepSpeed writes into a checkpoint tag (runs/<name>/checkpoints/stepNNNNNNNN/)
-_DEEPSPEED_FILE = re.compile(r"^(bf16_)?(zero_pp_rank_\d+_)?mp_rank_\d+_(model|optim)_states\.pt$")
-
-
-def _exported_beside(file: Path) -> str:
-    """What to pass instead of a DeepSpeed tag file: the run's exported models that exist, else their names."""
-    run = file.parent.parent.parent if file.parent.parent.name == "checkpoints" else file.parent
-    found = [str(run / n) for n in ("model_final.pt", "model_best.pt") if (run / n).is_file()]
-    return " or ".join(found) if found else "the run's model_final.pt / model_best.pt (written by the trainer)"
-
-
-def load_checkpoint(path: str) -> dict:
-    """The exported model file, read with weights_only=True and checked for the keys the trainer writes;
-    anything else (a DeepSpeed tag file, a foreign pickle, garbage) is a one-line EvalError naming it."""
-    from mip_dist.engine.checkpoint import CheckpointError, numpy_globals, safe_torch_load
-
-    file = Path(path)
-    if file.is_dir():
-        raise EvalError(f"{file} is a folder; {EXPECTED}")
-    if not file.is_file():
-        raise EvalError(f"checkpoint not found: {file}")
-    if _DEEPSPEED_FILE.match(file.name):
-        raise EvalError(f"{file} is a DeepSpeed training checkpoint file, not an exported model; "
-                        f"pass {_exported_beside(file)}")
-    try:
-        blob = safe_torch_load(file, map_location="cpu", allow=numpy_globals())  # numpy: to recognise DeepSpeed files
-    except CheckpointError as exc:  # unpickling refused or not a torch.save file
-        raise EvalError(f"{exc}; {EXPECTED}") from exc
-    if not isinstance(blob, dict):
-        raise EvalError(f"{file}: holds a {type(blob).__name__}, not an exported model dict; {EXPECTED}")
-    if "module" in blob and "ds_version" in blob:
-        raise EvalError(f"{file} is a DeepSpeed training checkpoint file, not an exported model; "
-                        f"pass {_exported_beside(file)}")
-    missing = {"model", "config", "num_classes", "num_cameras"} - set(blob)
-    if missing:
-        raise EvalError(f"{file}: not an exported mip-dist model (missing {', '.join(sorted(missing))}); "
-                        "export one with the trainer (model_best.pt / model_final.pt)")
-    return blob
-
-
 def resolve_config(config_path: Optional[str], overrides: list[str], blob: dict, ckpt_path: str) -> Config:
     """The run config: --config (checked against the checkpoint's) or the checkpoint's own, plus overrides."""
     try:
         saved = from_dict(blob["config"])
     except ConfigError as exc:
         raise EvalError(f"{ckpt_path}: its saved config is not valid here: {exc}") from exc
-    if config_path is None:
-        data = to_dict(saved)
-        for text in overrides:
-            key, value = parse_override(text)
-            *parents, leaf = key.split(".")
-            node = data
-            for part in parents:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
-            node[leaf] = value
-        cfg = from_dict(data)
-    else:
-        cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides) if config_path else from_dict(blob["config"], overrides)
     given, trained = to_dict(cfg)["model"], to_dict(saved)["model"]
     diff = [f"model.{k}: checkpoint {trained[k]!r}, config {given[k]!r}" for k in sorted(given)
             if k not in _TRAIN_ONLY_MODEL_KEYS and given.get(k) != trained.get(k)]
@@ -138,15 +91,30 @@ def resolve_config(config_path: Optional[str], overrides: list[str], blob: dict,
     return cfg
 
 
-def build_and_load(cfg: Config, blob: dict, index: dict, ckpt_path: str) -> torch.nn.Module:
-    """The model of `cfg` with the checkpoint's weights; identity/camera counts checked against index.json."""
-    from mip_dist.model import build_model
-
+def check_counts(blob: dict, index: dict, ckpt_path: str, camera_offset: int = 0, cross_dataset: bool = False) -> None:
+    """The test shards fit the model: the same identity and camera counts as it was trained with, or with
+    --cross-dataset / --dataset only cameras that exist in its camera table."""
     num_classes, num_cameras = int(blob["num_classes"]), int(blob["num_cameras"])
+    if cross_dataset or camera_offset or blob.get("datasets"):
+        if "num_cameras" in index and camera_offset + int(index["num_cameras"]) > num_cameras:
+            raise EvalError(f"checkpoint {ckpt_path} has a camera table of {num_cameras} cameras, but the test shards "
+                            f"use {index['num_cameras']} cameras from position {camera_offset + 1}: the model has "
+                            "no camera embedding for some of them")
+        return
     for key, have in (("num_classes", num_classes), ("num_cameras", num_cameras)):
         if key in index and int(index[key]) != have:
             raise EvalError(f"checkpoint {ckpt_path} has {key}={have} but the shards' index.json says "
-                            f"{index[key]}: the checkpoint was trained on another dataset or split")
+                            f"{index[key]}: the checkpoint was trained on another dataset or split (pass "
+                            "--cross-dataset to evaluate it on another dataset on purpose)")
+
+
+def build_and_load(cfg: Config, blob: dict, index: dict, ckpt_path: str, camera_offset: int = 0,
+                   cross_dataset: bool = False) -> torch.nn.Module:
+    """The model of `cfg` with the checkpoint's weights; identity/camera counts checked against index.json."""
+    from mip_dist.model import build_model
+
+    check_counts(blob, index, ckpt_path, camera_offset, cross_dataset)
+    num_classes, num_cameras = int(blob["num_classes"]), int(blob["num_cameras"])
     model = build_model(cfg.model, cfg.attention, num_classes, num_cameras)
     try:
         model.load_state_dict(blob["model"], strict=True)
@@ -193,6 +161,23 @@ class Job(NamedTuple):
     blob: dict
     cfg: Config
     index: dict
+    camera_offset: int = 0  # where the test shards' cameras start in the model's camera table
+
+
+def trained_dataset(blob: dict, name: Optional[str], ckpt_path: str) -> tuple[Optional[str], int, Optional[str]]:
+    """(shard folder, camera offset, protocol) of dataset `name` in a model trained on several datasets;
+    (None, 0, None) for a model trained on one. Names the choices when `name` is missing or unknown."""
+    datasets = blob.get("datasets") or []
+    if len(datasets) <= 1:
+        if name is not None:
+            raise EvalError(f"--dataset {name}: {ckpt_path} was trained on one dataset; drop --dataset")
+        return None, 0, None
+    names = [d["name"] for d in datasets]
+    if name not in names:
+        raise EvalError(f"{ckpt_path} was trained on {len(names)} datasets ({', '.join(names)}): pass --dataset "
+                        "NAME to pick the test set" + (f"; {name!r} is not one of them" if name else ""))
+    chosen = datasets[names.index(name)]
+    return chosen["path"], int(chosen["camera_offset"]), chosen["protocol"]
 
 
 def model_pairs(args: argparse.Namespace) -> list[tuple[str, Optional[str]]]:
@@ -227,14 +212,18 @@ def prepare(args: argparse.Namespace, ckpt: str, shards: Optional[str]) -> Job:
 
     try:  # the MIP authors' released checkpoints are read through the release layout
         blob = (release_blob(ckpt, base=load_config(args.config) if args.config else None)
-                if args.release or is_release_checkpoint(ckpt) else load_checkpoint(ckpt))
+                if args.release or is_release_checkpoint(ckpt) else load_exported(ckpt))
     except ReleaseCheckpointError as exc:
         raise EvalError(str(exc)) from exc
+    folder, camera_offset, own_protocol = trained_dataset(blob, args.dataset, ckpt)
+    shards = shards or folder
     overrides = list(args.overrides) + ([f"data.shards={shards}"] if shards else [])
     cfg = resolve_config(args.config, overrides, blob, ckpt)
+    if cfg.data.multi_dataset:
+        raise EvalError("data.shards: evaluation reads one test set; pass --dataset NAME or --shards FOLDER")
     if args.flip:
         cfg.eval.flip = True
-    protocols = args.protocol or cfg.eval.protocols
+    protocols = args.protocol or ([own_protocol] if own_protocol else cfg.eval.protocols)
     unknown = [p for p in protocols if p not in PROTOCOL_NAMES]
     if unknown:
         raise EvalError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOL_NAMES)}")
@@ -245,7 +234,8 @@ def prepare(args: argparse.Namespace, ckpt: str, shards: Optional[str]) -> Job:
                         "data.shards=/path/to/shards or --shards)")
     index = read_index(cfg.data.shards)
     check_trained_split(blob, index, ckpt, cfg.data.shards)
-    return Job(ckpt, blob, cfg, index)
+    check_counts(blob, index, ckpt, camera_offset, args.cross_dataset)
+    return Job(ckpt, blob, cfg, index, camera_offset)
 
 
 def visualize(model: torch.nn.Module, cfg: Config, index: dict, feats: torch.Tensor, keys: list[str],
@@ -297,11 +287,12 @@ def evaluate_job(job: Job, args: argparse.Namespace, out: Path, world: tuple[int
 
     rank, world_size, device = world
     cfg, index = job.cfg, job.index
-    model = build_and_load(cfg, job.blob, index, job.checkpoint).to(device).eval()
+    model = build_and_load(cfg, job.blob, index, job.checkpoint, job.camera_offset,
+                           args.cross_dataset).to(device).eval()
     t0 = time.perf_counter()
     loader = build_test_loader(cfg.data, rank=rank, world_size=world_size, batch_size=cfg.eval.batch_size)
     feats, keys = extract_features(model, loader, device=device, flip=cfg.eval.flip, dtype=default_dtype(device),
-                                   distributed=world_size > 1)
+                                   distributed=world_size > 1, camera_offset=job.camera_offset)
     results = evaluate_features(feats, keys, index, cfg.eval.protocols, trials=cfg.eval.trials,
                                 max_rank=cfg.eval.max_rank, rerank=cfg.eval.rerank, device=device)
     if rank != 0:
@@ -367,14 +358,14 @@ def run(args: argparse.Namespace) -> dict:
     return aggregate
 
 
-
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: 0 on success, 2 with a one-line message for any error (traceback with --debug)."""
     args = parse_args(argv)
     try:
         run(args)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
-        return report_error(exc, debug_requested(args.debug), known=(EvalError, ConfigError, ProtocolError, ShardError))
+        known = (EvalError, CheckpointError, ConfigError, ProtocolError, ShardError)
+        return report_error(exc, debug_requested(args.debug), known=known)
     finally:
         import torch.distributed as dist
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import logging
 import math
@@ -43,10 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from mip_dist.engine.distributed import free_port  # a free rendezvous port per launcher run
 
-from mip_dist.engine.distributed import free_port  # noqa: E402  (a free rendezvous port per launcher run)
+REPO = Path(__file__).resolve().parent.parent
 
 KERNEL_TESTS = ["tests/test_kernel_attention.py", "tests/test_kernel_dispatch.py", "tests/test_kernel_model.py",
                 "tests/test_kernel_compile.py", "tests/test_gpu_path.py"]
@@ -472,10 +472,17 @@ def run_all(plan: list[Check], args: argparse.Namespace, n_gpus: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- model worker
+def _bench_model() -> Any:
+    """launch/bench_model.py loaded by its path (a script beside this one, not an installed module)."""
+    spec = importlib.util.spec_from_file_location("bench_model", Path(__file__).with_name("bench_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def model_worker(impl: str, batch: int, steps: int, warmup: int, result: Path) -> int:
     """Subprocess body: bf16 forward+backward img/s and peak memory of the paper MIP with one attention impl."""
     import torch
-    from bench_model import analytic_gflops  # launch/ is this script's directory, first on sys.path
 
     from mip_dist.config import load_config
     from mip_dist.losses import MIPLoss
@@ -507,7 +514,7 @@ def model_worker(impl: str, batch: int, steps: int, warmup: int, result: Path) -
         step()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / steps
-    gflop = analytic_gflops(cfg.model, impl, batch)
+    gflop = _bench_model().analytic_gflops(cfg.model, impl, batch)
     res = {"impl": impl, "batch": batch, "steps": steps, "step_ms": seconds * 1e3, "img_s": batch / seconds,
            "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,

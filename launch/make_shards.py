@@ -20,14 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from mip_dist.cli import debug_requested, report_error  # noqa: E402
-from mip_dist.data.layouts import DatasetError  # noqa: E402
-from mip_dist.data.shards import (DEFAULT_CHUNK_INSTANCES, DEFAULT_MAX_SHARD_BYTES,  # noqa: E402
+from mip_dist.cli import debug_requested, report_error
+from mip_dist.data.layouts import DatasetError
+from mip_dist.data.shards import (DEFAULT_CHUNK_INSTANCES, DEFAULT_MAX_SHARD_BYTES,
                                   DEFAULT_MAX_SHARD_SAMPLES, ShardError, write_shards)
-from mip_dist.data.synthetic import MARKER, generate_synthetic  # noqa: E402
-
+from mip_dist.demo.synthetic import MARKER, generate_synthetic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from mip_dist.config import load_config, to_dict
-from mip_dist.engine import checkpoint as ckpt
+from mip_dist.engine import checkpoint as ckpt, export, tags
 from mip_dist.engine.metrics_log import MetricsLogger, truncate_jsonl
 from mip_dist.engine.trainer import FINISHED, RunDirError, resolve_run_dir
 
 
 def _fake_tag(ckpt_dir, step, complete=True):
-    tag = ckpt_dir / ckpt.tag_for(step)
+    tag = ckpt_dir / tags.tag_for(step)
     tag.mkdir(parents=True)
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
     if complete:
-        (tag / ckpt.COMPLETE).write_text(f"{step}\n")
+        (tag / tags.COMPLETE).write_text(f"{step}\n")
     return tag
 
 
@@ -27,23 +27,23 @@ def test_tags_sort_and_half_written_ones_are_ignored(tmp_path):
     for s in (2, 10, 4):
         _fake_tag(d, s)
     _fake_tag(d, 12, complete=False)  # killed while writing
-    assert [ckpt.step_of(t) for t in ckpt.complete_tags(d)] == [2, 4, 10]
-    assert ckpt.latest_tag(d).name == "step00000010"
-    assert ckpt.resolve_resume("auto", tmp_path / "run", tmp_path) == d / "step00000010"
-    assert ckpt.resolve_resume(str(tmp_path / "run"), None, tmp_path) == d / "step00000010"
-    assert ckpt.resolve_resume(str(d / "step00000004"), None, tmp_path) == d / "step00000004"
+    assert [tags.step_of(t) for t in tags.complete_tags(d)] == [2, 4, 10]
+    assert tags.latest_tag(d).name == "step00000010"
+    assert tags.resolve_resume("auto", tmp_path / "run", tmp_path) == d / "step00000010"
+    assert tags.resolve_resume(str(tmp_path / "run"), None, tmp_path) == d / "step00000010"
+    assert tags.resolve_resume(str(d / "step00000004"), None, tmp_path) == d / "step00000004"
     with pytest.raises(FileNotFoundError, match="incomplete"):
-        ckpt.resolve_resume(str(d / "step00000012"), None, tmp_path)
+        tags.resolve_resume(str(d / "step00000012"), None, tmp_path)
     with pytest.raises(FileNotFoundError, match="no such"):
-        ckpt.resolve_resume(str(tmp_path / "nope"), None, tmp_path)
+        tags.resolve_resume(str(tmp_path / "nope"), None, tmp_path)
 
 
 def test_resume_auto_without_run_name_picks_newest_run(tmp_path):
-    assert ckpt.resolve_resume("auto", None, tmp_path) is None
+    assert tags.resolve_resume("auto", None, tmp_path) is None
     _fake_tag(tmp_path / "a" / "checkpoints", 8)
     time.sleep(0.02)
     newer = _fake_tag(tmp_path / "b" / "checkpoints", 2)
-    assert ckpt.resolve_resume("auto", None, tmp_path) == newer
+    assert tags.resolve_resume("auto", None, tmp_path) == newer
 
 
 def test_prune_keeps_last_k(tmp_path):
@@ -52,7 +52,7 @@ def test_prune_keeps_last_k(tmp_path):
     for s in (1, 2, 3, 4):
         _fake_tag(c.dir, s)
     c._prune()
-    assert [t.name for t in ckpt.complete_tags(c.dir)] == ["step00000003", "step00000004"]
+    assert [t.name for t in tags.complete_tags(c.dir)] == ["step00000003", "step00000004"]
 
 
 def test_rng_round_trip_is_exact():
@@ -68,13 +68,13 @@ def test_rng_round_trip_is_exact():
 def test_export_round_trip(tmp_path):
     cfg = load_config("configs/tiny.yaml")
     sd = {"w": torch.randn(3, 4), "n": torch.tensor(5)}
-    path = ckpt.export_model(tmp_path / "model_final.pt", sd, cfg, num_classes=7, num_cameras=6)
-    blob = ckpt.load_exported(path)
+    path = export.export_model(tmp_path / "model_final.pt", sd, cfg, num_classes=7, num_cameras=6)
+    blob = export.load_exported(path)
     assert torch.equal(blob["model"]["w"], sd["w"]) and blob["num_classes"] == 7 and blob["num_cameras"] == 6
     assert blob["config"] == to_dict(cfg)
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="missing config, num_cameras, num_classes"):
-        ckpt.load_exported(tmp_path / "other.pt")
+        export.load_exported(tmp_path / "other.pt")
 
 
 def test_metrics_truncated_to_resumed_step(tmp_path):

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mip_dist.config import load_config, to_dict
-from mip_dist.engine import checkpoint as ckpt
+from mip_dist.engine import checkpoint as ckpt, export, safe_load, tags
 
 ROOT = Path(__file__).resolve().parents[1]
 DType = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -145,17 +145,17 @@ def test_round_trip_loads_everything_with_weights_only(process_group, tmp_path, 
     ckpt.restore_rng(state["ranks"][0]["rng"])
     assert np.array_equal(np.random.get_state()[1], saved_rng["numpy"][1])
     assert int(engine.global_steps) == 1
-    assert sorted(ckpt.read_manifest(tag)) == sorted(p.name for p in tag.iterdir() if p.name != ckpt.COMPLETE)
+    assert sorted(tags.read_manifest(tag)) == sorted(p.name for p in tag.iterdir() if p.name != tags.COMPLETE)
     for k, v in engine.module.state_dict().items():
         assert torch.equal(v, before[k]), k
     if stage > 0:  # an optimizer shard deleted: named, from the manifest and from DeepSpeed's naming alike
         optim = next(tag.glob("*optim_states.pt"))
         optim.unlink()
-        with pytest.raises(ckpt.DamagedCheckpointError, match=f"{optim.name}: missing"):
-            ckpt.verify_tag(tag)
-        (tag / ckpt.COMPLETE).write_text("1\n")  # a marker from before manifests existed
-        with pytest.raises(ckpt.DamagedCheckpointError, match=f"{optim.name}: missing"):
-            ckpt.verify_tag(tag)
+        with pytest.raises(safe_load.DamagedCheckpointError, match=f"{optim.name}: missing"):
+            tags.verify_tag(tag)
+        (tag / tags.COMPLETE).write_text("1\n")  # a marker from before manifests existed
+        with pytest.raises(safe_load.DamagedCheckpointError, match=f"{optim.name}: missing"):
+            tags.verify_tag(tag)
 
 
 def test_resume_never_runs_code_from_a_checkpoint(engine0, tmp_path, monkeypatch, caplog):
@@ -167,37 +167,36 @@ def test_resume_never_runs_code_from_a_checkpoint(engine0, tmp_path, monkeypatch
     file = evil / "mp_rank_00_model_states.pt"
     err = _error_of(ckpt.Checkpointer.load, engine, evil)
     assert not marker.exists(), "code hidden in the checkpoint ran"
-    assert isinstance(err, ckpt.UnsafeCheckpointError)
+    assert isinstance(err, safe_load.UnsafeCheckpointError)
     msg = _one_line(str(err))
     assert str(file) in msg and "io.open" in msg and "weights_only=True" in msg
     # DeepSpeed's own load path refuses it too, without the up-front check
     monkeypatch.setattr(ckpt, "verify_tag", lambda tag_dir: None)
     err = _error_of(ckpt.Checkpointer.load, engine, evil)
     assert not marker.exists(), "DeepSpeed's load ran code hidden in the checkpoint"
-    assert isinstance(err, ckpt.UnsafeCheckpointError) and str(file) in _one_line(str(err))
+    assert isinstance(err, safe_load.UnsafeCheckpointError) and str(file) in _one_line(str(err))
     monkeypatch.undo()
     # --resume auto does not pick it: the intact older checkpoint is used
-    with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
-        assert ckpt.resolve_resume("auto", tmp_path / "run", tmp_path) == good
+    with caplog.at_level(logging.WARNING, logger=tags.__name__):
+        assert tags.resolve_resume("auto", tmp_path / "run", tmp_path) == good
     assert any(evil.name in r.getMessage() and "io.open" in r.getMessage() for r in caplog.records)
     assert not marker.exists()
 
 
-def test_load_exported_never_runs_code(tmp_path):
-    marker, path = tmp_path / "PWNED", tmp_path / "model_final.pt"
-    torch.save({"model": {"w": torch.zeros(2)}, "config": Evil(marker), "num_classes": 2, "num_cameras": 2}, path)
-    err = _error_of(ckpt.load_exported, path)
-    assert not marker.exists(), "code hidden in the exported model ran"
-    assert isinstance(err, ValueError) and str(path) in _one_line(str(err))
-
-
-def test_evaluate_never_runs_code(tmp_path, capsys, keep_group):
+@pytest.mark.parametrize("where", ["model", "config"])
+def test_malicious_exported_model_is_refused_by_the_loader_and_by_evaluate(tmp_path, capsys, keep_group, where):
     marker, path = tmp_path / "PWNED", tmp_path / "model_best.pt"
-    torch.save({"model": Evil(marker), "config": {}, "num_classes": 2, "num_cameras": 2}, path)
+    blob = {"model": {"w": torch.zeros(2)}, "config": {}, "num_classes": 2, "num_cameras": 2}
+    blob[where] = Evil(marker)
+    torch.save(blob, path)
+    err = _error_of(export.load_exported, path)
+    assert not marker.exists(), "code hidden in the exported model ran"
+    assert isinstance(err, safe_load.UnsafeCheckpointError)
+    msg = _one_line(str(err))
+    assert str(path) in msg and "io.open" in msg and "weights_only=True" in msg
     assert cli.main(["--checkpoint", str(path)]) == 2
     assert not marker.exists(), "code hidden in the checkpoint ran"
-    err = _one_line(capsys.readouterr().err)
-    assert err.startswith("error: ") and str(path) in err and "model_final.pt" in err
+    assert _one_line(capsys.readouterr().err) == f"error: {msg}"  # one loader: evaluate reports its error as is
 
 
 def test_pretrained_never_runs_code(tmp_path):
@@ -234,20 +233,20 @@ def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(engine0, tmp_pa
     good = c.save(engine, 1, client_state(cfg))
     bad = c.save(engine, 2, client_state(cfg))
     _damage(bad / "mp_rank_00_model_states.pt", how)
-    with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
-        assert ckpt.resolve_resume("auto", run, tmp_path) == good
-        assert ckpt.resolve_resume("auto", None, tmp_path) == good
-        assert ckpt.resolve_resume(str(run), None, tmp_path) == good
+    with caplog.at_level(logging.WARNING, logger=tags.__name__):
+        assert tags.resolve_resume("auto", run, tmp_path) == good
+        assert tags.resolve_resume("auto", None, tmp_path) == good
+        assert tags.resolve_resume(str(run), None, tmp_path) == good
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(bad) in m and reason in m for m in warned), warned
     # named explicitly: no silent fallback, but one line pointing at the intact one
-    err = _error_of(ckpt.resolve_resume, str(bad), None, tmp_path)
-    assert isinstance(err, ckpt.DamagedCheckpointError)
+    err = _error_of(tags.resolve_resume, str(bad), None, tmp_path)
+    assert isinstance(err, safe_load.DamagedCheckpointError)
     msg = _one_line(str(err))
     assert str(bad) in msg and reason in msg and str(good) in msg
     # loading it directly is a clear error too, not PytorchStreamReader / KeyError / AssertionError
     err = _error_of(ckpt.Checkpointer.load, engine, bad)
-    assert isinstance(err, ckpt.CheckpointError) and str(bad) in _one_line(str(err))
+    assert isinstance(err, safe_load.CheckpointError) and str(bad) in _one_line(str(err))
     assert ckpt.Checkpointer.load(engine, good)["step"] == 1
 
 
@@ -257,23 +256,23 @@ def test_all_checkpoints_damaged_is_an_error_not_a_fresh_start(engine0, tmp_path
     c = ckpt.Checkpointer(run, keep_last=3, is_main=True)
     for step in (1, 2):
         _damage(c.save(engine, step, client_state(cfg)) / "mp_rank_00_model_states.pt", "zeroed")
-    err = _error_of(ckpt.resolve_resume, "auto", run, tmp_path)
-    assert isinstance(err, ckpt.DamagedCheckpointError)
+    err = _error_of(tags.resolve_resume, "auto", run, tmp_path)
+    assert isinstance(err, safe_load.DamagedCheckpointError)
     msg = _one_line(str(err))
     assert str(run / "checkpoints") in msg and "step00000001" in msg and "step00000002" in msg
-    (run / "checkpoints" / "step00000002" / ckpt.COMPLETE).write_bytes(bytes(64))  # the marker itself zeroed
-    with pytest.raises(ckpt.DamagedCheckpointError, match="damaged completion marker"):
-        ckpt.verify_tag(run / "checkpoints" / "step00000002")
+    (run / "checkpoints" / "step00000002" / tags.COMPLETE).write_bytes(bytes(64))  # the marker itself zeroed
+    with pytest.raises(safe_load.DamagedCheckpointError, match="damaged completion marker"):
+        tags.verify_tag(run / "checkpoints" / "step00000002")
 
 
 def test_expected_files_follow_deepspeed_naming(tmp_path):
     meta = {"dp_world_size": 2, "mp_world_size": 1, "ds_config": {"zero_optimization": {"stage": 3},
                                                                  "bf16": {"enabled": True}}}
-    assert ckpt.expected_files(meta) == [
+    assert tags.expected_files(meta) == [
         "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
         "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     meta["ds_config"] = {"zero_optimization": {"stage": 0}}
-    assert ckpt.expected_files(meta) == ["mp_rank_00_model_states.pt"]
+    assert tags.expected_files(meta) == ["mp_rank_00_model_states.pt"]
 
 
 # ------------------------------------------------------------------ case 8: disk full while saving
@@ -309,17 +308,17 @@ Usage = namedtuple("Usage", "total used free")
 def test_disk_full_during_save_is_one_clear_error(tmp_path, monkeypatch, exc, free, cause):
     c = ckpt.Checkpointer(tmp_path / "run", keep_last=2, is_main=True)
     good = c.save(StubEngine(), 1, {"step": 1})
-    stale = c.dir / ckpt.tag_for(2)
+    stale = c.dir / tags.tag_for(2)
     stale.mkdir()
-    (stale / ckpt.COMPLETE).write_text("2\n")  # an earlier save of this step, being overwritten
+    (stale / tags.COMPLETE).write_text("2\n")  # an earlier save of this step, being overwritten
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: Usage(100 * 2**30, 100 * 2**30 - free, free))
     with pytest.raises(ckpt.CheckpointWriteError) as info:
         c.save(StubEngine(exc), 2, {"step": 2})
     msg = _one_line(str(info.value))
     assert str(c.dir) in msg and str(stale) in msg and cause in msg
     assert (f"{free / 2**20:.1f} MiB free" if free < 2**30 else f"{free / 2**30:.1f} GiB free") in msg
-    assert not (stale / ckpt.COMPLETE).exists()
-    assert ckpt.complete_tags(c.dir) == [good] and ckpt.resolve_resume("auto", tmp_path / "run", tmp_path) == good
+    assert not (stale / tags.COMPLETE).exists()
+    assert tags.complete_tags(c.dir) == [good] and tags.resolve_resume("auto", tmp_path / "run", tmp_path) == good
     assert c.last_saved_step == 1
 
 
@@ -342,3 +341,4 @@ def test_evaluate_names_deepspeed_files_and_garbage(engine0, tmp_path, capsys, k
         err = _one_line(capsys.readouterr().err)
         assert err.startswith("error: ") and str(path) in err and says in err, err
         assert "Please file an issue" not in err and "weights_only` argument" not in err
+        assert err == f"error: {_one_line(str(_error_of(export.load_exported, path)))}"  # the one loader's message

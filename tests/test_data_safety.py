@@ -109,7 +109,7 @@ def test_train_cli_exits_2_with_one_error_line_and_touches_nothing(tmp_path):
 def test_demo_remakes_its_own_shards_after_a_setting_change(tmp_path):
     import dataclasses
 
-    from mip_dist.data.prepare import ensure_synthetic_shards, synthetic_shards_ready
+    from mip_dist.demo.prepare import ensure_synthetic_shards, synthetic_shards_ready
 
     cfg = _demo_cfg(tmp_path, str(tmp_path / "syn"), tmp_path / "sh").data
     cfg = dataclasses.replace(cfg, img_size=(32, 16))

@@ -1,9 +1,17 @@
-"""The embedded demo end to end at reduced size: data made on demand, training, evaluation, artefacts."""
+"""The embedded demo: end to end at reduced size (data made on demand, training, evaluation, artefacts),
+validation without side effects, the ablation's two runs in one table, and the core not depending on it."""
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from mip_dist.config import load_config
+from mip_dist.demo.ablation import AblationError, run_ablation
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_IDS = 8  # chance Rank-1 = 1/8; 990 steps of the demo's model reach about 3x that (41% measured)
@@ -18,7 +26,7 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
     r = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/demo.yaml", *overrides], cwd=REPO,
                        capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "preparing the synthetic visible-infrared set" in r.stdout
+    assert "preparing the synthetic visible-infrared set" in r.stderr  # logged by rank 0
     assert "all_single" in r.stdout and "indoor_single" in r.stdout  # the printed results table
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     for name in ("config.yaml", "metrics.jsonl", "results.json", "loss.png", "cmc.png", "model_final.pt", "FINISHED"):
@@ -43,3 +51,57 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
     assert r2.returncode == 0, r2.stderr[-4000:]
     assert len([p for p in (tmp_path / "runs").iterdir() if p.is_dir()]) == 2
     assert json.loads((run_dir / "results.json").read_text())["results"]["all_single"] == results["all_single"]
+
+
+def _train_module():
+    """launch/train.py as a module (its functions run in this process)."""
+    spec = importlib.util.spec_from_file_location("train_cli", REPO / "launch" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_validation_writes_nothing_and_preparation_makes_the_demo_data(tmp_path):
+    train = _train_module()
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"data.root={tmp_path}/syn", f"data.shards={tmp_path}/shards", f"train.output_dir={tmp_path}/runs",
+        "data.synthetic_ids=8", "data.synthetic_test_ids=2", "data.synthetic_images_per_camera=1"])
+    train.preflight(cfg, 1, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no data, no shards, no run directory
+    train.prepare(cfg, 1)
+    assert (tmp_path / "shards" / "index.json").is_file() and (tmp_path / "syn" / ".synthetic.json").is_file()
+
+
+FAKE_TRAINING = """
+import json, sys
+from pathlib import Path
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+baseline = args.get("model.use_mpl") == "false"
+if baseline and "fail" in args.get("train.output_dir", ""):
+    sys.exit(3)
+run = Path(args["train.output_dir"]) / args["train.run_name"]
+run.mkdir(parents=True)
+res = {"trials": 1, "R1": 10.0 if baseline else 20.0, "R10": 50.0, "R20": 60.0, "mAP": 9.0, "mINP": 8.0}
+(run / "results.json").write_text(json.dumps({"results": {"all_single": res, "indoor_single": res, "note": 1}}))
+"""
+
+
+def test_ablation_trains_baseline_then_mip_and_tables_both(tmp_path):
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAINING)
+    config = str(REPO / "configs" / "demo_ablation.yaml")
+    table = run_ablation([sys.executable, str(fake)], config, [f"train.output_dir={tmp_path}/runs"])
+    rows = [line.split()[:3] for line in table.splitlines()[2:]]
+    assert rows == [["baseline:all_single", "1", "10.00"], ["mip:all_single", "1", "20.00"],
+                    ["baseline:indoor_single", "1", "10.00"], ["mip:indoor_single", "1", "20.00"]]
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "runs").iterdir()) == ["baseline", "mip"]
+    with pytest.raises(AblationError, match="the baseline run exited with code 3") as err:
+        run_ablation([sys.executable, str(fake)], config, [f"train.output_dir={tmp_path}/fail"])
+    assert err.value.code == 3 and not (tmp_path / "fail").exists()  # MIP is not trained after a failed baseline
+
+
+def test_core_packages_do_not_import_the_demo():
+    core = [p for p in (REPO / "mip_dist").rglob("*.py") if "demo" not in p.relative_to(REPO / "mip_dist").parts]
+    users = [str(p.relative_to(REPO)) for p in core
+             if re.search(r"^\s*(from|import)\s+(mip_dist\.demo|\.+demo)\b", p.read_text(), re.MULTILINE)]
+    assert core and not users, f"the core imports the demo: {users}"

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from mip_dist.config import load_config, to_dict
+from mip_dist.engine.export import load_exported
+from mip_dist.engine.safe_load import CheckpointError
 from mip_dist.eval import visualize as vis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,18 +51,18 @@ class Arbitrary:
 
 
 def test_missing_and_foreign_checkpoints_are_named(tmp_path):
-    with pytest.raises(cli.EvalError, match="checkpoint not found: .*nope.pt"):
-        cli.load_checkpoint(str(tmp_path / "nope.pt"))
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.pt"):
+        load_exported(str(tmp_path / "nope.pt"))
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    with pytest.raises(cli.EvalError, match="missing config, model, num_cameras, num_classes"):
-        cli.load_checkpoint(str(tmp_path / "other.pt"))
+    with pytest.raises(CheckpointError, match="missing config, model, num_cameras, num_classes"):
+        load_exported(str(tmp_path / "other.pt"))
     torch.save({"model": Arbitrary()}, tmp_path / "pickle.pt")
-    with pytest.raises(cli.EvalError, match="weights_only=True"):
-        cli.load_checkpoint(str(tmp_path / "pickle.pt"))
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_exported(str(tmp_path / "pickle.pt"))
 
 
 def test_checkpoint_from_another_config_is_rejected(tmp_path, tiny_cfg, tiny_model):
-    blob = cli.load_checkpoint(str(_export(tmp_path / "m.pt", tiny_model, tiny_cfg)))
+    blob = load_exported(str(_export(tmp_path / "m.pt", tiny_model, tiny_cfg)))
     cfg = cli.resolve_config(None, ["eval.trials=2"], blob, "m.pt")  # the checkpoint's own config
     assert cfg.model.embed_dim == 128 and cfg.eval.trials == 2
     with pytest.raises(cli.EvalError, match="model.depth: checkpoint 4, config 5"):
@@ -68,7 +70,7 @@ def test_checkpoint_from_another_config_is_rejected(tmp_path, tiny_cfg, tiny_mod
     # same config, but weights of a different architecture
     other_cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.use_ipg=false"])
     other = pytest.importorskip("mip_dist.model").build_model(other_cfg.model, other_cfg.attention, 6, 6)
-    bad = cli.load_checkpoint(str(_export(tmp_path / "bad.pt", other, tiny_cfg)))
+    bad = load_exported(str(_export(tmp_path / "bad.pt", other, tiny_cfg)))
     with pytest.raises(cli.EvalError, match="does not fit the model"):
         cli.build_and_load(tiny_cfg, bad, {"num_classes": 6}, "bad.pt")
     with pytest.raises(cli.EvalError, match="num_classes=6 but the shards' index.json says 9"):
@@ -150,7 +152,7 @@ def test_select_pairs_distinct_query_identities():
 
 def test_end_to_end_on_tiny_checkpoint(tmp_path, tiny_cfg, capsys):
     stream = pytest.importorskip("mip_dist.data.stream", reason="mip_dist.data.stream not written yet")
-    synthetic = pytest.importorskip("mip_dist.data.synthetic")
+    synthetic = pytest.importorskip("mip_dist.demo.synthetic")
     shards_mod = pytest.importorskip("mip_dist.data.shards", reason="shard writer not written yet")
     root, shards = tmp_path / "syn", tmp_path / "shards"
     synthetic.generate_synthetic(str(root), num_train_ids=4, num_test_ids=4, images_per_camera=2,

@@ -1,6 +1,7 @@
 """launch/gpu_check.py on a CPU machine: it lists every planned check with its command and runs nothing; its
 pure helpers (pytest counts, loss agreement, bench ratios, Markdown table) and its section runner (timeouts,
 failures recorded while later sections still run, the report files) work on hand-made inputs."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -12,9 +13,18 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "launch" / "gpu_check.py"
-sys.path.insert(0, str(REPO / "launch"))
 
-import gpu_check as gc  # noqa: E402
+
+def _load_script():
+    """launch/gpu_check.py loaded by its path, as a module (launch/ is not on sys.path)."""
+    spec = importlib.util.spec_from_file_location("launch_gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+gc = _load_script()
 
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
 
@@ -235,3 +245,12 @@ def test_loss_agreement_check_uses_both_runs(tmp_path):
     assert bad["status"] == "fail" and "first step 2" in bad["summary"]
     missing = gc.run_check(cmp, tmp_path, 1, time.monotonic() + 60, {"deepspeed-1gpu-zero0": ref}, args)
     assert missing["status"] == "fail"
+
+
+def test_model_worker_finds_bench_model_beside_it_without_sys_path():
+    from mip_dist.config import load_config
+
+    assert str(REPO / "launch") not in sys.path
+    model = load_config(REPO / "configs" / "mip_vitb16_sysu.yaml", ["model.pretrained="]).model
+    flops = gc._bench_model().analytic_gflops
+    assert flops(model, "concat", 8) > flops(model, "triton", 8) > 0  # concat attends over the prompts per row

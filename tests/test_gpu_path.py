@@ -25,7 +25,7 @@ from mip_dist.losses import MIPLoss
 from mip_dist.model import build_model
 
 from fake_cuda import SyncCounter, fake_cuda_mode, walk_backward
-from test_model_support import inputs, make_model, small_cfg
+from conftest import inputs, make_model, small_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 SYSU_CLASSES, SYSU_CAMERAS = 395, 6

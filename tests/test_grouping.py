@@ -35,9 +35,11 @@ def test_image_key_strips_the_repeat_mark():
 @pytest.mark.parametrize("ids", [400, 5000])
 def test_identity_chunks_give_batches_without_repeated_images(ids):
     """10 + 10 images per identity, 8 x (4 + 4) batches, a 2,000-sample buffer: globally shuffled shards
-    repeat images and leave identities short; identity chunks do not, whatever the identity count."""
+    repeat images and leave identities short; identity chunks do not, whatever the identity count. Every
+    identity has K of each modality, so the floor is no repeat at all, also once an identity's earlier
+    batches left an image and its padding copy behind in the buffer (400 identities: a fifth of the set)."""
     chunked = simulate(ids, 10, layout="chunks", batches=150)
     shuffled = simulate(ids, 10, layout="shuffled", batches=150)
-    assert chunked.duplicate_fraction <= 0.01 and chunked.short_identity_fraction <= 0.06
-    assert shuffled.duplicate_fraction > 2 * chunked.duplicate_fraction
+    assert chunked.duplicate_fraction == 0.0 and chunked.short_identity_fraction == 0.0
+    assert shuffled.duplicate_fraction > 0.02
     assert chunked.ms_per_batch < 50

@@ -1,31 +1,39 @@
 """Fused Triton prompt attention vs an fp64 reference: forward, every gradient, determinism, compile.
 
-On CPU the real kernels run under the Triton interpreter (TRITON_INTERPRET=1 set per test; the
-dispatch reads it at call time); with CUDA present the same cases also run compiled on the GPU.
+On a CPU-only machine the test session imports Triton with TRITON_INTERPRET=1 (tests/conftest.py), so
+the real kernels run under the interpreter; with CUDA present they run compiled on the GPU. Short query
+sets (N <= 256) take the one-pass backward; the 3-launch backward is checked by forcing it.
 Tolerance rule (flash-attention's): |kernel - ref64| <= 2 |torch same dtype - ref64| + floor.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 import torch
 
-from mip_dist.kernels import prompt_attention, prompt_attention_math
+from mip_dist.kernels import _backend, prompt_attention, prompt_attention_math
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the kernels run where this process's Triton can run them: compiled on a GPU, else interpreted on the CPU
+DEVICES = ["cuda"] if torch.cuda.is_available() and not _backend.interpreter_requested() else ["cpu"]
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture
-def interpret(request, monkeypatch):
-    """CPU tests run Triton through the interpreter (for this test only); CUDA tests run it compiled."""
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("device") == "cuda":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+def interpret():
+    """CPU runs need the interpreter chosen before triton was imported (tests/conftest.py does it)."""
+    if DEVICES == ["cpu"] and not (_backend.interpreter_requested() and _backend.interpreted()):
+        pytest.fail("the CPU kernel tests need TRITON_INTERPRET=1 set before triton is imported")
+
+
+@pytest.fixture
+def three_launch(monkeypatch):
+    """Force the 3-launch backward (the path for N > 256) at small shapes."""
+    mod = _backend.kernel_module()
+    original = mod.backward
+    monkeypatch.setattr(mod, "backward", lambda *args: original(*args, fused=False))
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,31 @@ def test_forward_and_gradients_match_fp64(case, device, interpret):
     check_case(case, device)
 
 
+@pytest.mark.parametrize("case", CASES[1:6] + CASES[8:9], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_three_launch_backward_matches_fp64(case, device, interpret, three_launch):
+    check_case(case, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_query_sets_take_the_three_launch_backward(device, interpret):
+    """N > 256 goes to the 3-launch backward (the one-pass kernel keeps one tile's dq per program)."""
+    mod = _backend.kernel_module()
+    launches = []
+    real = mod._launch_backward
+
+    def spy(*args, **kwargs):
+        launches.append("3-launch")
+        return real(*args, **kwargs)
+
+    mod._launch_backward = spy
+    try:
+        check_case(Case(1, 1, 257, 20, 2, 3, 16, 16, False, True, torch.float32, False), device)
+    finally:
+        mod._launch_backward = real
+    assert launches == ["3-launch"]
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
 def test_one_entry_bank_without_index(device, deterministic, interpret):
@@ -167,6 +200,7 @@ def test_one_entry_bank_without_index(device, deterministic, interpret):
             torch.testing.assert_close(kernel[name], indexed[name], rtol=1e-3 if dtype == f16 else 1e-5, atol=1e-4)
 
 
+@pytest.mark.skipif(DEVICES != ["cuda"], reason="Triton's interpreter computes bfloat16 dots wrongly")
 @pytest.mark.parametrize("device", DEVICES)
 def test_bfloat16(device, interpret):
     for case in (Case(2, 2, 17, 30, 2, 16, 3, 64, True, True, torch.bfloat16, False),
@@ -226,11 +260,10 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def test_one_key_loop_and_per_group_loops_agree(interpret):
+@pytest.mark.parametrize("fused", [True, False], ids=["one-pass", "3-launch"])
+def test_one_key_loop_and_per_group_loops_agree(interpret, fused, monkeypatch):
     """Aligned rows take the one key loop over [seq | bank | inst] (forward, dq); misaligned ones per-group loops."""
-    from mip_dist.kernels import _backend
-
-    mod = _backend.kernel_module(torch.device("cpu"))
+    mod = _backend.kernel_module()
     B, H, N, S, M, Pm, Pi, D = 2, 2, 23, 37, 2, 5, 16, 32
     g = torch.Generator().manual_seed(7)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
@@ -243,6 +276,8 @@ def test_one_key_loop_and_per_group_loops_agree(interpret):
         return mod._one_loop_ok(tensors, tuple(t.stride() for t in tensors))
 
     assert one_loop(x) and not one_loop(bad)
+    original = mod.backward
+    monkeypatch.setattr(mod, "backward", lambda *args: original(*args, fused=fused))
     do = r(B, H, N, D)
 
     def run(inputs: dict, impl: str) -> list[torch.Tensor]:
@@ -311,3 +346,42 @@ def test_empty_dimensions(B, N, S, interpret):
     for name, t in want.items():
         assert got[name].shape == t.shape, name
         torch.testing.assert_close(got[name], t, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(DEVICES != ["cpu"], reason="the interpreter's limits only")
+def test_bfloat16_on_the_cpu_falls_back_to_torch(interpret):
+    """The interpreter's bf16 dot is wrong: auto runs the PyTorch path, a forced impl='triton' says why."""
+    inputs = make_inputs(Case(2, 1, 17, 9, 2, 3, 3, 32, False, True, torch.bfloat16, False), "cpu")
+    o = prompt_attention(**inputs)
+    torch.testing.assert_close(o, prompt_attention_math(**inputs), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="bfloat16 on the CPU"):
+        prompt_attention(**inputs, impl="triton")
+
+
+def test_the_interpreter_launches_the_fixed_config(interpret):
+    """Autotuning needs compiled kernels on a GPU: interpreted kernels take the fixed config even for a CUDA q."""
+    mod = _backend.kernel_module()
+    cuda_q = types.SimpleNamespace(device=torch.device("cuda"))
+    assert not mod._tune(cuda_q, False) and not mod._tune(cuda_q, True)
+
+
+@pytest.mark.parametrize("pick", [1, 2, 3])
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_autotune_candidate_computes_the_same_attention(pick, device, monkeypatch, interpret):
+    """The 16-bit candidates (any of which autotuning may pick on a GPU) run here as the fixed config:
+    forward and all gradients vs fp64, on the one-pass (block and IPG shape) and 3-launch backward."""
+    from mip_dist.kernels import _configs
+
+    mod = _backend.kernel_module()
+    row = _configs._CONFIGS[(True, False)]
+    for name, extra in _configs._CANDIDATES[(True, False)].items():
+        monkeypatch.setitem(row, name, extra[min(pick, len(extra)) - 1])
+    monkeypatch.setattr(_configs, "_PARAMS_CACHE", {})
+    monkeypatch.setattr(mod, "_tune", lambda q, deterministic: False)  # on a GPU too: this candidate only
+    block = Case(2, 1, 70, 50, 2, 16, 3, 64, False, True, f16, False)
+    ipg = Case(3, 1, 16, 40, 1, 16, None, 64, True, False, f16, False)
+    check_case(block, device)
+    check_case(ipg, device)
+    original = mod.backward
+    monkeypatch.setattr(mod, "backward", lambda *args: original(*args, fused=False))
+    check_case(block, device)

@@ -39,18 +39,21 @@ def _bench_module():
 
 
 def test_analytic_counts_forward_plus_backward_and_the_paper_traffic(capsys):
-    """fwd+bwd bytes are the sum of both passes; today's paper backward moves ~283 MB vs ~173 MB ideal."""
+    """fwd+bwd bytes are the sum of both passes; the 3-launch paper backward moves ~283 MB vs ~173 MB ideal,
+    the one-pass backward (the default for N <= 256) is within 1.15x of the ideal fwd+bwd bytes."""
     bench = _bench_module()
     result = bench.analytic(bench.parse_args(["--analytic", "--batch", "64", "--tokens", "211"]))
     rows = {(r["case"].split()[0], r["design"].split(":")[0], r["mode"]): r for r in result["analytic"]}
     for case in ("block", "ipg"):
-        for design in ("today", "proposed"):
+        for design in ("3-launch", "one-pass"):
             got = [rows[(case, design, m)] for m in bench.MODES]
             assert got[2]["bytes"] == pytest.approx(got[0]["bytes"] + got[1]["bytes"])
             assert got[2]["ideal_bytes"] == pytest.approx(got[0]["ideal_bytes"] + got[1]["ideal_bytes"])
-    today = rows[("block", "today", "bwd")]
+    today = rows[("block", "3-launch", "bwd")]
     assert today["bytes"] / 1e6 == pytest.approx(283, abs=2)
     assert today["ideal_bytes"] / 1e6 == pytest.approx(173, abs=1)
+    for case in ("block", "ipg"):
+        assert rows[(case, "one-pass", "fwd+bwd")]["x_ideal"] <= 1.15
     assert "x ideal" in capsys.readouterr().out
 
 
@@ -69,8 +72,8 @@ def test_host_overhead_runs_with_stubbed_kernels_and_restores_them():
     from mip_dist.kernels import _backend
 
     bench = _bench_module()
-    mod = _backend.kernel_module(torch.device("cuda"))
-    kernels = {name: getattr(mod, name) for name in ("_fwd_kernel", "_bwd_kv_kernel")}
+    mod = _backend.kernel_module()
+    kernels = {name: getattr(mod, name) for name in ("_fwd_kernel", "_bwd_fused_kernel", "_bwd_kv_kernel")}
     result = bench.host_overhead(bench.parse_args(["--host-overhead", "--host-iters", "3"]))
     paths = {(r["case"], r["path"]) for r in result["host_overhead"]}
     assert ("paper", "launcher fwd") in paths and ("ipg", "entry bwd (autograd.grad)") in paths
@@ -94,3 +97,49 @@ def test_every_gradient_is_checked_before_timing_at_block_and_ipg_shapes():
             assert len(errs) == 1 + n_grads and max(errs.values()) < 1e-5, errs
         wrong = bench.check_against_reference(lambda **kw: 1.01 * bench.prompt_attention(**kw, impl="torch"), x)
         assert wrong["o"] > bench.GRAD_TOL[torch.float32]
+
+
+def test_flex_attention_is_compiled_per_shape_within_dynamos_recompile_limit():
+    """The limit covers every shape of the sweep (grad and no-grad forward each), and hitting it raises
+    instead of timing an uncompiled FlexAttention."""
+    import torch._dynamo
+
+    bench = _bench_module()
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False):
+        bench.flex_concat(len(bench.cases(bench.parse_args([]))) * 5)
+        assert torch._dynamo.config.recompile_limit >= 2 * 6 * 5
+        assert torch._dynamo.config.fail_on_recompile_limit_hit
+
+
+def test_speedups_and_table_cover_do_bench_and_cuda_graph_times(capsys):
+    """Each timer gets its own ratio to fused-triton; a row without a graph time (not capturable) still prints."""
+    bench = _bench_module()
+    base = dict(case="block", B=64, N=211, mode="fwd+bwd", status="ok", tflops=1.0, gbps=1.0, hbm_bound_ms=0.1,
+                x_hbm_bound=2.0)
+    rows = [dict(base, impl="fused-triton", ms=0.2, ms_graph=0.15, x_hbm_bound_graph=1.5),
+            dict(base, impl="concat+sdpa-flash", ms=0.5, ms_graph=0.3, x_hbm_bound_graph=3.0),
+            dict(base, impl="flex-attention", ms=0.4, graph_reason="RuntimeError: not capturable")]
+    bench.add_speedups(rows)
+    assert rows[1]["fused_speedup"] == pytest.approx(2.5) and rows[1]["fused_speedup_graph"] == pytest.approx(2.0)
+    assert "fused_speedup_graph" not in rows[2] and rows[2]["fused_speedup"] == pytest.approx(2.0)
+    bench.print_table(rows)
+    assert "graph ms" in capsys.readouterr().out
+
+
+def test_host_overhead_times_a_baseline_copy_of_the_kernels_side_by_side(tmp_path):
+    """--baseline-kernels runs another copy of kernels/ in a child process: rows for both, and a broken copy
+    fails naming the folder (so the child really imports the copy, not this checkout's kernels)."""
+    import shutil
+
+    pytest.importorskip("triton")
+    bench = _bench_module()
+    copy = tmp_path / "kernels"
+    shutil.copytree(BENCH.parent.parent / "kernels", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    args = ["--host-overhead", "--host-iters", "2", "--host-rounds", "1", "--baseline-kernels", str(copy)]
+    rows = bench.host_overhead(bench.parse_args(args))["host_overhead"]
+    for label in ("baseline", "current"):
+        assert {("paper", "entry bwd (autograd.grad)"), ("ipg", "launcher fwd")} <= \
+            {(r["case"], r["path"]) for r in rows if r["kernels"] == label}
+    (copy / "_op.py").write_text("raise ImportError('the baseline copy was imported')\n")
+    with pytest.raises(RuntimeError, match="the baseline copy was imported"):
+        bench.host_overhead(bench.parse_args(args))

@@ -9,6 +9,7 @@ import pytest
 
 from mip_dist.config import ConfigError, load_config
 from mip_dist.engine.ds_config import build_ds_config, load_ds_config
+from mip_dist.engine.ds_config import main as ds_config_main
 
 REPO = Path(__file__).resolve().parent.parent
 DS_JSONS = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
@@ -22,38 +23,57 @@ def _train(args, env_extra=None, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_twelve_deepspeed_jsons_ship_with_concrete_values():
-    names = {p.stem for p in DS_JSONS}
-    assert names == {f"zero{s}_{p}" for s in range(4) for p in ("bf16", "fp16", "fp32")}
-    for path in DS_JSONS:
-        text = path.read_text()
-        assert '"auto"' not in text, path
-        ds = json.loads(text)
-        assert isinstance(ds["gradient_clipping"], float), path
+def test_one_deepspeed_example_per_zero_stage_is_what_the_trainer_builds(capsys):
+    assert [p.name for p in DS_JSONS] == [f"zero{s}.json" for s in range(4)]
+    for stage, path in enumerate(DS_JSONS):
+        assert ds_config_main(["--config", str(PAPER), f"train.zero_stage={stage}"]) == 0
+        assert json.loads(path.read_text()) == json.loads(capsys.readouterr().out), f"regenerate {path.name}"
+        assert '"auto"' not in path.read_text(), path
 
 
 @pytest.mark.parametrize("path", DS_JSONS, ids=lambda p: p.stem)
-def test_deepspeed_json_matches_config_it_names(path):
-    stage, precision = int(path.stem[4]), path.stem.split("_")[1]
-    cfg = load_config(PAPER, [f"train.zero_stage={stage}", f"train.precision={precision}",
-                              f"train.deepspeed_config={path}"])
-    ds = load_ds_config(cfg, world_size=4)
-    built = build_ds_config(cfg, world_size=4)
-    assert ds["train_batch_size"] == 64 * 4
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
-                "zero_optimization", "bf16", "fp16"):
-        assert ds[key] == built[key], key
+def test_deepspeed_example_fills_in_what_it_leaves_out_from_the_config(path):
+    cfg = load_config(PAPER, [f"train.zero_stage={path.stem[4]}", f"train.deepspeed_config={path}"])
+    assert load_ds_config(cfg, world_size=4) == build_ds_config(cfg, world_size=4)  # train_batch_size 64 x 4
+
+
+def test_deepspeed_json_adds_tuning_keys_to_the_built_config(tmp_path):
+    cfg = load_config(PAPER, ["train.zero_stage=3"])
+    ds = build_ds_config(cfg, 2)
+    del ds["train_batch_size"], ds["data_types"]
+    ds["zero_optimization"]["stage3_max_live_parameters"] = 1000
+    ds["data_types"] = {"buffer_dtype": "bfloat16"}
+    (tmp_path / "mine.json").write_text(json.dumps(ds))
+    cfg = load_config(PAPER, ["train.zero_stage=3", f"train.deepspeed_config={tmp_path / 'mine.json'}"])
+    got = load_ds_config(cfg, 2)
+    assert got["zero_optimization"]["stage3_max_live_parameters"] == 1000
+    assert got["data_types"] == {"buffer_dtype": "bfloat16"} and got["train_batch_size"] == 128
+
+
+def test_ds_config_command_names_a_bad_key(capsys):
+    assert ds_config_main(["train.zero_stage=5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.zero_stage: 5") and "\n" not in err
 
 
 def test_deepspeed_json_disagreeing_with_config_fails_clearly(tmp_path):
-    cfg = load_config(PAPER, ["data.batch_size=32", f"train.deepspeed_config={REPO}/configs/deepspeed/zero0_bf16.json"])
+    zero0 = REPO / "configs" / "deepspeed" / "zero0.json"
+    cfg = load_config(PAPER, ["data.batch_size=32", f"train.deepspeed_config={zero0}"])
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=64.*data.batch_size"):
         load_ds_config(cfg, 2)
-    cfg = load_config(PAPER, ["train.zero_stage=2", f"train.deepspeed_config={REPO}/configs/deepspeed/zero0_bf16.json"])
+    cfg = load_config(PAPER, ["train.zero_stage=2", f"train.deepspeed_config={zero0}"])
     with pytest.raises(ConfigError, match="ZeRO stage 0 but train.zero_stage=2"):
         load_ds_config(cfg, 2)
-    cfg = load_config(PAPER, [f"train.deepspeed_config={REPO}/configs/deepspeed/zero0_fp16.json"])
+    fp16 = tmp_path / "fp16.json"
+    fp16.write_text(json.dumps(build_ds_config(load_config(PAPER, ["train.precision=fp16"]), 2)))
+    cfg = load_config(PAPER, [f"train.deepspeed_config={fp16}"])
     with pytest.raises(ConfigError, match="trains in fp16 but train.precision=bf16"):
+        load_ds_config(cfg, 2)
+    no_buffers = tmp_path / "no_buffers.json"
+    no_buffers.write_text(json.dumps({"train_micro_batch_size_per_gpu": 64, "gradient_clipping": 5.0,
+                                      "bf16": {"enabled": True}}))
+    cfg = load_config(PAPER, [f"train.deepspeed_config={no_buffers}"])
+    with pytest.raises(ConfigError, match="keeps buffers in fp32.*data_types.buffer_dtype='bf16'"):
         load_ds_config(cfg, 2)
     bad = tmp_path / "auto.json"
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 1.0}))

@@ -153,7 +153,7 @@ def test_label_smoothing_value():
 
 
 def test_mip_loss_on_model_output_single_modality():
-    from test_model_support import inputs, make_model, small_cfg
+    from conftest import inputs, make_model, small_cfg
 
     cfg = small_cfg("tiny.yaml")
     model = make_model(cfg).train()

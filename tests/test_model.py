@@ -10,7 +10,7 @@ from mip_dist.model import MIP, MIPOutput, build_model, param_category
 from mip_dist.model.jpm import shuffle_unit, split_parts
 from mip_dist.model.mpl import prompt_init_bound
 
-from test_model_support import CONFIGS, NUM_CAMERAS, NUM_CLASSES, inputs, make_model, small_cfg
+from conftest import CONFIGS, NUM_CAMERAS, NUM_CLASSES, inputs, make_model, params_by_category, small_cfg
 
 
 def test_tiny_shapes_and_output_type():
@@ -26,7 +26,7 @@ def test_tiny_shapes_and_output_type():
     assert len(out.prompt_logits) == len(out.instance_prompts) == L == 2
     assert all(t.shape == (3, C) for t in out.instance_prompts)
     feat = model.extract(images, mod, cam)
-    assert feat.shape == (3, C * (1 + P)) == (3, model.feature_dim)
+    assert feat.shape == (3, C * (1 + P))
     torch.testing.assert_close(feat.norm(dim=1), torch.ones(3))
     expected = torch.cat([out.global_feat, out.local_feats.flatten(1) / P], 1)
     torch.testing.assert_close(feat, torch.nn.functional.normalize(expected, dim=1))
@@ -43,8 +43,9 @@ def test_base_config_shapes():
     images, mod, cam = inputs(cfg, [1])
     with torch.no_grad():
         out = model(images, mod, cam)
+        feat = model.extract(images, mod, cam)
     assert out.global_feat.shape == (1, 768) and out.local_feats.shape == (1, 4, 768)
-    assert model.feature_dim == 3840
+    assert feat.shape == (1, 3840)
     assert len(out.prompt_logits) == 10 and out.prompt_logits[0].shape == (1, NUM_CLASSES)
 
 
@@ -153,7 +154,7 @@ def test_cls_attention_map():
 
 def test_param_categories():
     model = make_model(small_cfg("ablation_mpl_ipg_iael.yaml"))
-    groups = model.named_parameters_by_category()
+    groups = params_by_category(model)
     names = {k: {n for n, _ in v} for k, v in groups.items()}
     assert names["prompt"] == {"mpl.bank", "mpl.proj.weight", "mpl.proj.bias"}
     assert "ipg.queries" in names["ipg"] and "ipg.block.attn.qkv.weight" in names["ipg"]
@@ -161,7 +162,6 @@ def test_param_categories():
     assert {"pos_embed", "cls_token", "sie_embed", "b1.block.attn.qkv.weight", "blocks.0.mlp.fc1.weight"} \
         <= names["backbone"]
     assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
-    assert len(list(model.backbone_parameters())) == len(groups["backbone"])
     assert param_category("module.mpl.bank") == "prompt" and param_category("_orig_mod.ipg.x") == "ipg"
 
 
@@ -201,7 +201,7 @@ def test_cnn_stems_make_tokens_and_train(stem, grid):
     assert stem_grads and all(g is not None and g.abs().sum() > 0 for g in stem_grads[:1])
     assert all(param_category(n) == "backbone" for n, _ in model.named_parameters() if n.startswith("patch_embed."))
     feat = model.eval().extract(images, mod, cam)
-    assert feat.shape == (4, model.feature_dim)
+    assert feat.shape == (4, cfg.model.embed_dim * (1 + cfg.model.num_parts))
 
 
 def test_conv_stem_layout_follows_strides_and_channels():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_model_support import NO_NOISE, inputs, make_model, output_tensors, rel_err, small_cfg
+from conftest import NO_NOISE, inputs, make_model, output_tensors, params_by_category, rel_err, small_cfg
 
 TOL = 1e-5
 CASES = {
@@ -98,7 +98,7 @@ def test_every_prompt_and_ipg_parameter_gets_gradient():
         out = model(images, mod, cam)
         loss = sum(t.square().sum() for t in output_tensors(out).values())
         loss.backward()
-        groups = model.named_parameters_by_category()
+        groups = params_by_category(model)
         assert groups["prompt"] and groups["ipg"]
         for n, p in groups["prompt"] + groups["ipg"]:
             assert p.grad is not None and p.grad.abs().sum() > 0, n

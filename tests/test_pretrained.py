@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from mip_dist.model import load_pretrained
 from mip_dist.model.mip import param_category
 
-from test_model_support import inputs, make_model, rel_err, small_cfg
+from conftest import inputs, make_model, rel_err, small_cfg
 
 # vit_tiny_patch16_224 geometry (192 wide, 12 blocks, 3 heads) at 128x64 -> 10x5 overlapping patches
 VIT_TINY = ["model.embed_dim=192", "model.num_heads=3", "model.depth=12", "model.img_size=[128,64]",
@@ -176,7 +176,7 @@ def test_errors_name_the_problem(tmp_path, timm_sd):
 def test_base_size_checkpoint_resizes_14x14_to_21x10(tmp_path):
     """The real geometry: a ViT-B/16 224 checkpoint into the paper's 256x128, stride-12 MIP."""
     from mip_dist.config import load_config
-    from test_model_support import CONFIGS
+    from conftest import CONFIGS
 
     torch.manual_seed(0)
     sd = timm.create_model("vit_base_patch16_224", pretrained=False).state_dict()

@@ -14,13 +14,12 @@ import pytest
 import torch
 
 from mip_dist.config import ConfigError, from_dict, load_config
-from mip_dist.engine.checkpoint import load_exported
+from mip_dist.engine.export import load_exported
 from mip_dist.model import build_model
 from mip_dist.model.pretrained import load_pretrained
-from mip_dist.model.release import (ReleaseCheckpointError, from_release_checkpoint, is_release_checkpoint,
-                                    release_blob)
+from mip_dist.model.release import ReleaseCheckpointError, from_release_checkpoint, is_release_checkpoint
 
-from test_model_support import CONFIGS, NUM_CAMERAS, NUM_CLASSES, inputs, rel_err
+from conftest import CONFIGS, NUM_CAMERAS, NUM_CLASSES, inputs, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = CONFIGS / "tiny.yaml"
@@ -243,7 +242,7 @@ def test_convert_round_trip_and_fine_tune_start(tmp_path, capsys):
 
 def test_evaluate_prints_a_table_for_a_release_checkpoint(tmp_path, capsys, monkeypatch):
     stream = pytest.importorskip("mip_dist.data.stream")
-    synthetic = pytest.importorskip("mip_dist.data.synthetic")
+    synthetic = pytest.importorskip("mip_dist.demo.synthetic")
     shards_mod = pytest.importorskip("mip_dist.data.shards")
     root, shards = tmp_path / "syn", tmp_path / "shards"
     synthetic.generate_synthetic(str(root), num_train_ids=4, num_test_ids=4, images_per_camera=2,

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import same_batches, take_batches
 
 from mip_dist.config import DataConfig
 from mip_dist.data.grouping import image_key
 from mip_dist.data.records import INFRARED, VISIBLE
 from mip_dist.data.shards import read_index, shard_urls, write_shards
-from mip_dist.data.stream import (DataError, build_test_loader, build_train_stream, iter_slot_samples,
-                                  slot_shards)
-from mip_dist.data.synthetic import generate_synthetic
+from mip_dist.data.shard_reader import ErrorCounter, iter_shard_samples, slot_shards
+from mip_dist.data.stream import DataError, build_test_loader, build_train_stream
+from mip_dist.demo.synthetic import generate_synthetic
 
 P, K = 3, 2
 B = P * 2 * K
@@ -66,6 +67,12 @@ def check_pk_batch(batch: dict, num_classes: int) -> None:
         assert (c in (2, 5)) == (m == INFRARED) and 0 <= c <= 5
 
 
+def slot_keys(urls: list[str], **slot) -> list[str]:
+    """Sample keys of one pass of a slot's shards, no batching."""
+    counter = ErrorCounter(0.0, "test")
+    return [s.key for url in slot_shards(urls, pass_index=0, **slot) for s in iter_shard_samples(url, counter)]
+
+
 def test_pk_composition_on_every_batch(shards):
     stream = build_train_stream(cfg(shards), seed=0, rank=0, world_size=1)
     assert stream.steps_per_epoch == 216 // B
@@ -75,6 +82,16 @@ def test_pk_composition_on_every_batch(shards):
         n += 1
     assert n == stream.steps_per_epoch and stream.error_count == 0
     assert stream.state_dict()["epoch"] == 1 and stream.state_dict()["batches"] == 0
+
+
+def test_no_repeated_image_in_a_batch_when_identities_have_k_of_each(shards):
+    """Every identity has 12 visible + 6 infrared images >= K: chunk padding repeats its infrared images
+    in the shards, yet no batch may hold an image twice."""
+    for workers in (0, 2):
+        stream = build_train_stream(cfg(shards, workers=workers, steps_per_epoch=36), seed=2, rank=0, world_size=1)
+        for batch in stream:
+            images = [image_key(k) for k in batch["key"]]
+            assert len(set(images)) == B, collections.Counter(images).most_common(2)
 
 
 @pytest.mark.parametrize("resampled", [False, True])
@@ -98,8 +115,7 @@ def test_one_non_resampled_pass_reads_every_sample_once_across_ranks(shards):
     all_keys = []
     for rank in (0, 1):
         for worker in (0, 1):
-            all_keys += [s.key for s in iter_slot_samples(urls, seed=5, epoch=2, rank=rank, world_size=2,
-                                                          worker=worker, num_workers=2)]
+            all_keys += slot_keys(urls, seed=5, epoch=2, rank=rank, world_size=2, worker=worker, num_workers=2)
     counts = collections.Counter(all_keys)
     listed = sum(s["count"] for s in read_index(str(shards))["shards"] if s["split"] == "train")
     assert len(counts) == listed and set(counts.values()) == {1}  # every sample (padding copies too) once
@@ -131,7 +147,7 @@ def test_test_loader_ranks_get_disjoint_complete_shares(shards, workers):
                                   batch["modality"].tolist()):
                 assert (p, c, m) == (expected[k]["pid"], expected[k]["camera"], expected[k]["modality"])
                 keys.append(k)
-        assert len(keys) == loader.num_samples
+        assert len(keys) == len(range(rank, len(expected), 2))  # this rank's share: sample index % world_size
         again = [k for b in loader for k in b["key"]]
         assert again == keys  # deterministic order
         for k in keys:
@@ -140,50 +156,36 @@ def test_test_loader_ranks_get_disjoint_complete_shares(shards, workers):
     assert set(seen) == set(expected)
 
 
-def _batches(stream, n=None):
-    out = []
-    for b in stream:
-        out.append(b)
-        if n is not None and len(out) == n:
-            break
-    return out
-
-
-def _same(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k]
-                                    for x, y in zip(a, b) for k in x)
-
-
 def test_deterministic_per_seed_and_epoch(shards):
     c = cfg(shards, workers=2, steps_per_epoch=4)
-    a = _batches(build_train_stream(c, seed=7, rank=1, world_size=2))
-    b = _batches(build_train_stream(c, seed=7, rank=1, world_size=2))
-    assert _same(a, b)
-    other_seed = _batches(build_train_stream(c, seed=8, rank=1, world_size=2))
-    other_rank = _batches(build_train_stream(c, seed=7, rank=0, world_size=2))
+    a = take_batches(build_train_stream(c, seed=7, rank=1, world_size=2))
+    b = take_batches(build_train_stream(c, seed=7, rank=1, world_size=2))
+    assert same_batches(a, b)
+    other_seed = take_batches(build_train_stream(c, seed=8, rank=1, world_size=2))
+    other_rank = take_batches(build_train_stream(c, seed=7, rank=0, world_size=2))
     s = build_train_stream(c, seed=7, rank=1, world_size=2)
     s.set_epoch(1)
-    other_epoch = _batches(s)
+    other_epoch = take_batches(s)
     for other in (other_seed, other_rank, other_epoch):
-        assert not _same(a, other)
+        assert not same_batches(a, other)
 
 
 @pytest.mark.parametrize("consumed", [3, 4])
 def test_restore_continues_with_the_batches_of_an_uninterrupted_run(shards, consumed):
     c = cfg(shards, workers=2, steps_per_epoch=7)
     ref = build_train_stream(c, seed=11, rank=0, world_size=1)
-    epoch0 = _batches(ref)
-    epoch1 = _batches(ref)  # the stream moves on to epoch 1 by itself
+    epoch0 = take_batches(ref)
+    epoch1 = take_batches(ref)  # the stream moves on to epoch 1 by itself
     first = build_train_stream(c, seed=11, rank=0, world_size=1)
-    assert _same(_batches(first, consumed), epoch0[:consumed])
+    assert same_batches(take_batches(first, consumed), epoch0[:consumed])
     state = first.state_dict()
     assert (state["epoch"], state["batches"]) == (0, consumed)
     resumed = build_train_stream(c, seed=11, rank=0, world_size=1)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON checkpoint
     resumed.set_epoch(0)  # a trainer re-selecting the restored epoch keeps the position
-    assert _same(_batches(resumed), epoch0[consumed:])
+    assert same_batches(take_batches(resumed), epoch0[consumed:])
     assert resumed.state_dict()["epoch"] == 1
-    assert _same(_batches(resumed), epoch1)
+    assert same_batches(take_batches(resumed), epoch1)
 
 
 def _rewrite_tar(path: Path, corrupt_every: int) -> int:
@@ -212,7 +214,7 @@ def test_corrupt_images_and_truncated_tar_are_counted_and_skipped(shards, tmp_pa
     tail.write_bytes(tail.read_bytes()[: tail.stat().st_size // 3])  # truncated mid-sample
     c = cfg(bad, max_error_rate=0.5, steps_per_epoch=25)
     stream = build_train_stream(c, seed=0, rank=0, world_size=1)
-    with caplog.at_level(logging.WARNING, logger="mip_dist.data.stream"):
+    with caplog.at_level(logging.WARNING, logger="mip_dist.data.shard_reader"):
         for batch in stream:
             check_pk_batch(batch, 12)
     assert stream.error_count >= 3
@@ -220,7 +222,7 @@ def test_corrupt_images_and_truncated_tar_are_counted_and_skipped(shards, tmp_pa
     assert f"decode error in shard {bad / names[0]} at sample" in caplog.text
     strict = build_train_stream(replace(c, max_error_rate=0.0), seed=0, rank=0, world_size=1)
     with pytest.raises(DataError, match=r"exceed data\.max_error_rate=0\.0"):
-        _batches(strict)
+        take_batches(strict)
 
 
 @pytest.mark.parametrize("sizes_listed", [True, False], ids=["size-check", "read-errors"])
@@ -244,7 +246,7 @@ def test_truncated_tars_alone_exceed_the_error_budget(shards, tmp_path, sizes_li
     c = cfg(bad, max_error_rate=0.001, steps_per_epoch=50, workers=0)
     with pytest.raises(DataError, match=r"read error in shard .*exceed data\.max_error_rate=0\.001|"
                                         r"data errors in \d+ samples exceed data\.max_error_rate=0\.001"):
-        _batches(build_train_stream(c, seed=0, rank=0, world_size=1))
+        take_batches(build_train_stream(c, seed=0, rank=0, world_size=1))
 
 
 def test_pipe_urls_refused_unless_allowed(shards):
@@ -253,7 +255,7 @@ def test_pipe_urls_refused_unless_allowed(shards):
     with pytest.raises(DataError, match=r"pipe:.*data\.allow_pipe=true"):
         build_train_stream(c, seed=0, rank=0, world_size=1)
     stream = build_train_stream(replace(c, allow_pipe=True), seed=0, rank=0, world_size=1)
-    batches = _batches(stream)
+    batches = take_batches(stream)
     assert len(batches) == 1
     check_pk_batch(batches[0], 12)
 
@@ -261,10 +263,10 @@ def test_pipe_urls_refused_unless_allowed(shards):
 def test_local_brace_pattern_uses_the_index_beside_it(shards):
     stream = build_train_stream(cfg("", train_urls=str(shards / "train-{000000..000001}.tar")), seed=0, rank=0,
                                 world_size=1)
-    assert len(stream.spec.urls) == 2 and stream.num_classes == 12
+    assert [len(s.urls) for s in stream.spec.sources] == [2] and stream.spec.sources[0].max_identities == 12
     images = [s["images"] for s in read_index(str(shards))["shards"] if s["split"] == "train"][:2]
     assert stream.steps_per_epoch == sum(images) // B  # the two selected shards' images, not the whole set
-    assert len(_batches(stream, 2)) == 2
+    assert len(take_batches(stream, 2)) == 2
 
 
 def test_url_checks(shards, tmp_path):
@@ -292,8 +294,8 @@ def test_brace_pattern_over_http(shards):
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/train-{{000000..000005}}.tar"
         stream = build_train_stream(cfg("", train_urls=url, steps_per_epoch=2), seed=0, rank=0, world_size=1)
-        assert len(stream.spec.urls) == 6
-        batches = _batches(stream)
+        assert [len(s.urls) for s in stream.spec.sources] == [6]
+        batches = take_batches(stream)
         assert len(batches) == 2
         for b in batches:
             check_pk_batch(b, 12)
@@ -313,7 +315,7 @@ def test_impossible_batch_is_a_clear_error_not_a_hang(shards, tmp_path):
                 out.addfile(m, io.BytesIO(d))
     stream = build_train_stream(cfg("", train_urls=str(only_vis), steps_per_epoch=1), seed=0, rank=0, world_size=1)
     with pytest.raises(DataError, match="cannot form a batch of 3 identities with both modalities"):
-        _batches(stream)
+        take_batches(stream)
     with pytest.raises(DataError, match="needs 26 identities per batch, but the training set has only 12"):
         build_train_stream(cfg(shards, batch_size=4 * 26, num_instances=2), seed=0, rank=0, world_size=1)
 

@@ -9,8 +9,9 @@ from PIL import Image
 
 from mip_dist.data.layouts import read_dataset
 from mip_dist.data.records import INFRARED, VISIBLE
-from mip_dist.data.synthetic import (MARKER, MATERIALS, SYSU_STYLES, generate_synthetic, render,
-                                     sample_identity, sample_view)
+from mip_dist.demo.people import MATERIALS, SYSU_STYLES, sample_identity, sample_view
+from mip_dist.demo.render import render
+from mip_dist.demo.synthetic import MARKER, generate_synthetic
 
 SMALL = dict(num_train_ids=6, num_test_ids=3, images_per_camera=2, img_size=(64, 32), workers=1)
 
@@ -127,7 +128,7 @@ def test_demo_shards_are_stale_after_a_generator_or_setting_change(tmp_path):
     import json
 
     from mip_dist.config import DataConfig
-    from mip_dist.data.prepare import ensure_synthetic_shards, synthetic_shards_ready
+    from mip_dist.demo.prepare import ensure_synthetic_shards, synthetic_shards_ready
 
     cfg = DataConfig(root=str(tmp_path / "syn"), shards=str(tmp_path / "sh"), synthetic_ids=3, synthetic_test_ids=2,
                      synthetic_images_per_camera=1, img_size=(32, 16))
@@ -139,3 +140,27 @@ def test_demo_shards_are_stale_after_a_generator_or_setting_change(tmp_path):
     saved = json.loads(marker.read_text())
     marker.write_text(json.dumps({**saved, "version": saved["version"] - 1}))
     assert not synthetic_shards_ready(cfg)  # written by an older generator: launch/train.py remakes it
+
+
+
+# mean pixel value of render(sample_identity(0, pid), camera c) for pid in PINNED_PIDS, c = 1..6 (generator version 4)
+PINNED_PIDS = (1, 2, 9, 12, 17, 22)  # backpacks, a shoulder bag, skirts, shorts, hats, long hair, every print
+PINNED_MEANS = [131.768, 113.880, 117.766, 155.402, 122.979, 65.191, 117.242, 109.165, 113.333, 164.644, 114.719,
+                64.752, 120.257, 114.993, 113.148, 138.399, 132.352, 64.358, 145.058, 119.919, 121.760, 184.794,
+                132.724, 71.627, 135.906, 127.364, 119.855, 171.972, 125.004, 81.371, 125.898, 107.933, 115.124,
+                134.699, 143.578, 72.114]
+
+
+def test_what_render_draws_is_pinned_for_this_generator_version():
+    """A change to the drawing must bump GENERATOR_VERSION: cached demo sets are reused by version. The
+    tolerance (a few pixels by one level) absorbs floating-point differences between CPUs."""
+    from mip_dist.demo.synthetic import GENERATOR_VERSION
+
+    means = []
+    for pid in PINNED_PIDS:
+        idn = sample_identity(0, pid)
+        for cam, style in SYSU_STYLES.items():
+            rng = np.random.default_rng([0, pid, cam])
+            means.append(render(idn, style, sample_view(rng), rng, (128, 64)).astype(np.float64).mean())
+    assert GENERATOR_VERSION == 4, "a new generator version: pin its means here"
+    np.testing.assert_allclose(means, PINNED_MEANS, rtol=0, atol=0.005)

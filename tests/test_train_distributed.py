@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mip_dist.config import load_config
 from mip_dist.engine.checkpoint import COMPLETE, load_exported
+from mip_dist.engine.ds_config import build_ds_config
 from mip_dist.engine.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,13 +40,12 @@ def tiny_overrides(root: Path) -> list[str]:
             f"train.output_dir={root / 'runs'}", "optim.warmup_epochs=0", "optim.lr=0.01", "loss.msel_start_epoch=1"]
 
 
-def make_tiny_shards(root: Path) -> list[str]:
+def make_tiny_shards(root: Path, extra: tuple[str, ...] | list[str] = ()) -> list[str]:
     """Write the synthetic set and its shards once (what launch/train.py would otherwise make on demand);
-    returns the run overrides that use them."""
-    from mip_dist.config import load_config
-    from mip_dist.data.prepare import ensure_synthetic_shards
+    returns the run overrides that use them (`extra` overrides the generator's settings)."""
+    from mip_dist.demo.prepare import ensure_synthetic_shards
 
-    overrides = tiny_overrides(root)
+    overrides = tiny_overrides(root) + list(extra)
     ensure_synthetic_shards(load_config(REPO / "configs" / "tiny.yaml", overrides).data, workers=1, progress=False)
     return overrides
 
@@ -80,8 +81,7 @@ def setup(tmp_path_factory):
 def zero_runs(setup):
     """One deepspeed 2-rank run per ZeRO stage; ZeRO-3 via a JSON config that partitions every parameter."""
     root, base = setup
-    ds3 = json.loads((REPO / "configs" / "deepspeed" / "zero3_fp32.json").read_text())
-    ds3["train_micro_batch_size_per_gpu"] = 8
+    ds3 = build_ds_config(load_config(REPO / "configs" / "tiny.yaml", base + ["train.zero_stage=3"]), 2)
     ds3["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # no small-param shortcut
     ds3["zero_optimization"]["stage3_prefetch_bucket_size"] = 0  # gathered means needed now: no prefetch,
     ds3["zero_optimization"]["stage3_max_reuse_distance"] = 0  # and no keeping for a later reuse

@@ -1,1 +1,1 @@
-"""Dataset layouts, synthetic generator, shard writing and streaming PK batches."""
+"""Dataset readers, shard writing and index reading, and the stream of cross-modality PK batches."""

@@ -15,7 +15,8 @@ from mip_dist.config import DataConfig
 
 from .grouping import REPEAT_MARK, Slot, identity_chunks, image_key
 from .records import INFRARED, VISIBLE
-from .stream import PKBuffer, RawSample, form_pk_batch
+from .pk_batch import PKBuffer, PKSource, form_pk_batch
+from .shard_reader import RawSample
 
 
 @dataclass
@@ -76,6 +77,7 @@ def simulate(ids: int, per_modality: int, *, layout: str, num_ids: int = 8, k: i
 
     stream = counted()
     buf = PKBuffer(max(buffer_size, 2 * num_ids * 2 * k), np.random.default_rng([seed, 1]))
+    src = PKSource(stream, buf, lambda: 0)
     n = batches or max(1, ids * 2 * per_modality // (num_ids * 2 * k))
     dups = short = picked = 0
     seen_ids: set[int] = set()
@@ -83,7 +85,7 @@ def simulate(ids: int, per_modality: int, *, layout: str, num_ids: int = 8, k: i
     work = 0.0
     for _ in range(n):
         t0 = time.perf_counter()
-        pairs = form_pk_batch(buf, stream, num_ids, k, lambda s: 0, lambda: 0, "simulation")
+        pairs = form_pk_batch([src], [num_ids], k, lambda s: 0, "simulation")
         work += time.perf_counter() - t0
         keys = [image_key(s.key) for s, _ in pairs]
         distinct = len(set(keys))

@@ -10,7 +10,9 @@ All randomness comes from torch's generator, so seeding it per batch makes a bat
 """
 from __future__ import annotations
 
+import contextlib
 import io
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -100,3 +102,17 @@ def eval_transform(img_size: tuple[int, int]) -> v2.Compose:
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(MEAN, STD),
     ])
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Per-image transforms are tiny ops: intra-op threads only contend (DataLoader workers already
+    run single-threaded; this does the same when a loader runs in the main process)."""
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)

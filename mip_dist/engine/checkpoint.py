@@ -1,300 +1,39 @@
-"""DeepSpeed checkpoints with a completion marker, keep-last-k pruning, resume lookup, RNG state and
-the consolidated fp32 model export used for evaluation and inference.
+"""DeepSpeed checkpoints of a run: `Checkpointer` saves a tag (every rank's shard, then rank 0's COMPLETE
+marker with a file manifest), keeps the last k and loads a verified tag back with weights_only=True; the RNG
+state that travels in the client state; one clear error when a write fails (usually a full disk).
 
-Every checkpoint file is unpickled with `torch.load(weights_only=True)` (DeepSpeed's own loads included,
-through `WeightsOnlyLoading`), allowing only the few non-tensor types the files hold, so a checkpoint from
-elsewhere cannot run code. The completion marker lists the tag's files and sizes; a damaged newest tag is
-skipped by `--resume auto` in favour of the newest good one.
+The other checkpoint parts live beside it, one job each: `safe_load` (weights_only=True unpickling), `tags`
+(tag names, manifests, integrity, `--resume` lookup) and `export` (the consolidated fp32 model file and its one
+loader); the names of theirs that the trainer and the entry points use are re-exported here (`__all__`).
 """
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
 import logging
-import pickle
 import random
-import re
 import shutil
-import zipfile
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from mip_dist.config import Config, to_dict
-
 from .distributed import barrier
+from .export import consolidated_state_dict, export_model, load_exported
+from .safe_load import CheckpointError, error_gist, safe_torch_load, weights_only_loading
+from .tags import COMPLETE, complete_tags, latest_tag, resolve_resume, tag_for, verify_tag, write_manifest
+
+__all__ = ["COMPLETE", "CheckpointError", "CheckpointWriteError", "Checkpointer", "capture_rng",
+           "consolidated_state_dict", "export_model", "free_bytes", "load_exported", "resolve_resume", "restore_rng",
+           "safe_torch_load", "tag_bytes", "tag_for"]
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"  # written by rank 0 after every rank has finished writing the tag
-_TAG = re.compile(r"^step(\d+)$")
-_LEGACY_MARKER = re.compile(r"\s*\d+\s*")  # COMPLETE as written before it held a manifest: just the step
 _MIN_FREE = 64 * 2**20  # below this much free space a failed write is reported as a full disk
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (unsafe, damaged, incomplete); the message names the file or tag."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The file's pickle calls something weights_only=True does not allow: loading it could run code."""
-
-
-class DamagedCheckpointError(CheckpointError):
-    """A checkpoint file or tag that is missing, truncated, overwritten or not a torch.save file at all."""
 
 
 class CheckpointWriteError(RuntimeError):
     """Writing a checkpoint failed (usually a full disk); the message names the folder and its free space."""
-
-
-def _gist(exc: BaseException) -> str:
-    """The informative first sentence of a (often multi-paragraph) torch error, on one line."""
-    text = str(exc)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    line = re.split(r"(?<=\.)\s", line, maxsplit=1)[0]
-    return f"{type(exc).__name__}: {line[:200]}" if line else type(exc).__name__
-
-
-def _refused_name(exc: BaseException) -> Optional[str]:
-    """The global or type weights_only=True refused, if that is why unpickling failed."""
-    m = re.search(r"GLOBAL ([\w.]+) was not an allowed global", str(exc))
-    if m:
-        return m.group(1)
-    m = re.search(r"allowlisted via `add_safe_globals`, but got <class '([\w.]+)'>", str(exc))
-    return m.group(1) if m else None
-
-
-def numpy_globals() -> list[Any]:
-    """The NumPy pieces of `np.random.get_state()` (in the client state's RNG) that weights_only=True must allow."""
-    try:
-        from numpy._core.multiarray import _reconstruct  # NumPy 2
-    except ImportError:  # NumPy 1
-        from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def deepspeed_globals() -> list[Any]:
-    """DeepSpeed's own non-tensor objects in its state files: ZeRO stage enum, loss scalers, fragment addresses."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-def training_globals() -> list[Any]:
-    """Everything beyond tensors and plain containers that a tag written by `Checkpointer.save` holds."""
-    return numpy_globals() + deepspeed_globals()
-
-
-def safe_torch_load(path: str | Path, map_location: Any = "cpu", allow: Iterable[Any] = (),
-                    mmap: bool = False) -> Any:
-    """`torch.load(weights_only=True)` allowing only `allow` beyond tensors and plain containers, so a file
-    from elsewhere cannot run code; failures become one-line CheckpointErrors naming the file."""
-    try:
-        with torch.serialization.safe_globals(list(allow)):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except FileNotFoundError as exc:
-        raise DamagedCheckpointError(f"{path}: file not found") from exc
-    except pickle.UnpicklingError as exc:
-        name = _refused_name(exc)
-        if name is not None:
-            raise UnsafeCheckpointError(
-                f"{path}: refused to load with weights_only=True: unpickling it would call {name}, which is not "
-                "allowed (only tensors and plain containers load; a file from elsewhere could run code this way)"
-            ) from exc
-        raise DamagedCheckpointError(f"{path}: not a readable torch.save file ({_gist(exc)})") from exc
-    except (RuntimeError, OSError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError,
-            UnicodeDecodeError) as exc:
-        raise DamagedCheckpointError(f"{path}: not a readable torch.save file ({_gist(exc)})") from exc
-
-
-def tag_for(step: int) -> str:
-    """Checkpoint tag of optimizer step `step` (sorts by name and by number)."""
-    return f"step{step:08d}"
-
-
-def step_of(tag_dir: Path) -> int:
-    """Optimizer step encoded in a tag directory name."""
-    m = _TAG.match(tag_dir.name)
-    if not m:
-        raise ValueError(f"{tag_dir} is not a checkpoint tag directory (expected stepNNNNNNNN)")
-    return int(m.group(1))
-
-
-def complete_tags(ckpt_dir: Path) -> list[Path]:
-    """Finished checkpoint tags under `ckpt_dir`, oldest first; half-written ones are ignored."""
-    if not ckpt_dir.is_dir():
-        return []
-    tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and _TAG.match(p.name) and (p / COMPLETE).is_file()]
-    return sorted(tags, key=step_of)
-
-
-def latest_tag(ckpt_dir: Path) -> Optional[Path]:
-    """Newest finished tag, or None."""
-    tags = complete_tags(ckpt_dir)
-    return tags[-1] if tags else None
-
-
-def read_manifest(tag_dir: Path) -> Optional[dict[str, int]]:
-    """{file: size} recorded in the tag's COMPLETE marker; None for a marker written before manifests existed."""
-    marker = tag_dir / COMPLETE
-    try:
-        text = marker.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DamagedCheckpointError(f"{marker}: unreadable completion marker ({_gist(exc)})") from exc
-    if _LEGACY_MARKER.fullmatch(text):
-        return None
-    try:
-        files = json.loads(text)["files"]
-        return {str(k): int(v) for k, v in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DamagedCheckpointError(f"{marker}: damaged completion marker (not the JSON manifest the "
-                                     "checkpointer writes)") from exc
-
-
-def _write_manifest(tag_dir: Path, step: int) -> None:
-    """Mark the tag complete with {step, files: {name: size}} (atomic), so a later resume can check it."""
-    files = {p.relative_to(tag_dir).as_posix(): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-             if p.is_file() and not p.name.startswith(COMPLETE)}
-    tmp = tag_dir / f"{COMPLETE}.tmp"
-    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
-    tmp.replace(tag_dir / COMPLETE)
-
-
-def _model_states_file(tag_dir: Path) -> Path:
-    """The tag's rank-0 model-states file (ZeRO-3 writes one per rank, others a single one)."""
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if (tag_dir / name).is_file():
-            return tag_dir / name
-    raise DamagedCheckpointError(f"{tag_dir}: no model states file (mp_rank_00_model_states.pt or "
-                                 "zero_pp_rank_0_mp_rank_00_model_states.pt)")
-
-
-def expected_files(meta: dict[str, Any]) -> list[str]:
-    """Files a DeepSpeed tag must hold, from the world sizes, ZeRO stage and precision in its model states."""
-    ds = meta.get("ds_config") or {}
-    stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
-    bf16 = bool((ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled", False))
-    dp, mp = int(meta.get("dp_world_size", 1)), int(meta.get("mp_world_size", 1))
-    names = []
-    for m in range(mp):
-        if stage == 3:
-            names += [f"zero_pp_rank_{r}_mp_rank_{m:02d}_model_states.pt" for r in range(dp)]
-        else:
-            names.append(f"mp_rank_{m:02d}_model_states.pt")
-        if stage >= 1:
-            names += [f"{'bf16_' if bf16 else ''}zero_pp_rank_{r}_mp_rank_{m:02d}_optim_states.pt" for r in range(dp)]
-    return names
-
-
-def _quick_load(path: Path) -> Any:
-    """Unpickle a tag file with weights_only=True, memory-mapping zip files so tensor data is not read."""
-    return safe_torch_load(path, "cpu", training_globals(), mmap=zipfile.is_zipfile(path))
-
-
-def verify_tag(tag_dir: Path) -> None:
-    """Raise a CheckpointError unless the tag is complete and intact: every file it should hold (manifest and
-    DeepSpeed's naming) is there at its recorded size and unpickles with weights_only=True. Cheap: tensor
-    data is memory-mapped, not read."""
-    if not (tag_dir / COMPLETE).is_file():
-        raise DamagedCheckpointError(f"{tag_dir}: checkpoint is incomplete (no {COMPLETE} marker)")
-    manifest = read_manifest(tag_dir) or {}
-    for name, size in manifest.items():
-        f = tag_dir / name
-        if not f.is_file():
-            raise DamagedCheckpointError(f"{f}: missing (the checkpoint was written with it)")
-        if f.stat().st_size != size:
-            raise DamagedCheckpointError(f"{f}: {f.stat().st_size} bytes but {size} when written (truncated or "
-                                         "overwritten)")
-    states = _model_states_file(tag_dir)
-    meta = _quick_load(states)
-    if not isinstance(meta, dict) or "module" not in meta:
-        raise DamagedCheckpointError(f"{states}: not a DeepSpeed model states file (no 'module' entry)")
-    for name in expected_files(meta):
-        if not (tag_dir / name).is_file():
-            raise DamagedCheckpointError(f"{tag_dir / name}: missing (DeepSpeed wrote one per rank)")
-    for f in sorted(({tag_dir / n for n in manifest if n.endswith(".pt")} | set(tag_dir.glob("*.pt"))) - {states}):
-        _quick_load(f)
-
-
-def newest_good_tag(ckpt_dir: Path) -> Optional[Path]:
-    """Newest finished tag that passes `verify_tag`, warning about each damaged newer one; None if there is
-    no finished tag, an error if none of them is usable (never a silent fresh start)."""
-    tags = complete_tags(ckpt_dir)
-    problems = []
-    for tag in reversed(tags):
-        try:
-            if read_manifest(tag) is None:  # written before manifests: trusted here, verified when loaded
-                return tag
-            verify_tag(tag)
-        except CheckpointError as exc:
-            log.warning("checkpoint %s cannot be used, not resuming from it: %s", tag, exc)
-            problems.append(tag.name)
-            continue
-        if problems:
-            log.warning("resuming from %s, the newest intact checkpoint (skipped %s)", tag, ", ".join(problems))
-        return tag
-    if tags:
-        raise DamagedCheckpointError(f"{ckpt_dir}: none of the finished checkpoints can be used ("
-                                     f"{', '.join(problems)}: see the warnings above)")
-    return None
-
-
-def resolve_resume(arg: str, run_dir: Optional[Path], output_dir: Path) -> Optional[Path]:
-    """`--resume auto|PATH` -> a finished, intact tag directory (auto: None when there is nothing to resume).
-
-    auto: newest intact tag of the named run; without a run name, of the most recently written run under
-    output_dir. PATH: a tag directory (used only if intact), a run directory or its checkpoints/ folder.
-    A damaged newest tag is logged and skipped in favour of the newest intact one.
-    """
-    if arg == "auto":
-        if run_dir is not None:
-            return newest_good_tag(run_dir / "checkpoints")
-        candidates = [t for t in (latest_tag(d / "checkpoints") for d in output_dir.glob("*") if d.is_dir()) if t]
-        if not candidates:
-            return None
-        return newest_good_tag(max(candidates, key=lambda t: (t / COMPLETE).stat().st_mtime).parent)
-    path = Path(arg)
-    if not path.exists():
-        raise FileNotFoundError(f"--resume {arg}: no such file or directory")
-    if _TAG.match(path.name):
-        if not (path / COMPLETE).is_file():
-            raise FileNotFoundError(f"--resume {arg}: checkpoint is incomplete (no {COMPLETE} marker)")
-        try:
-            legacy = read_manifest(path) is None  # written before manifests: verified when loaded
-        except CheckpointError:
-            legacy = False
-        if not legacy:
-            _verify_named(path, arg)
-        return path
-    for ckpt_dir in (path / "checkpoints", path):
-        if latest_tag(ckpt_dir) is not None:
-            return newest_good_tag(ckpt_dir)
-    raise FileNotFoundError(f"--resume {arg}: no finished checkpoint (stepNNNNNNNN/{COMPLETE}) found there")
-
-
-def _verify_named(tag: Path, arg: str) -> None:
-    """`verify_tag` for a tag named on the command line: no fallback, but point at the newest intact sibling."""
-    try:
-        verify_tag(tag)
-    except CheckpointError as exc:
-        older = [t for t in complete_tags(tag.parent) if t != tag]
-        good = None
-        for t in reversed(older):
-            with contextlib.suppress(CheckpointError):
-                verify_tag(t)
-                good = t
-                break
-        hint = f"; the newest intact one beside it is {good}" if good else ""
-        raise type(exc)(f"--resume {arg}: cannot use this checkpoint: {exc}{hint}") from exc
 
 
 def capture_rng() -> dict[str, Any]:
@@ -340,7 +79,7 @@ class Checkpointer:
         barrier()
         if self.is_main:
             try:
-                _write_manifest(tag_dir, step)
+                write_manifest(tag_dir, step)
             except OSError as exc:
                 raise self._write_failure(tag_dir, exc) from exc
             self._prune()
@@ -361,7 +100,7 @@ class Checkpointer:
         cause = "no space left on the disk" if full else "the write failed"
         size = f"; the previous checkpoint took {_human(need)}" if need else ""
         return CheckpointWriteError(
-            f"could not write checkpoint {tag_dir}: {cause} ({_gist(exc)}); {_human(free)} free in {self.dir}"
+            f"could not write checkpoint {tag_dir}: {cause} ({error_gist(exc)}); {_human(free)} free in {self.dir}"
             f"{size}; free space there or set train.output_dir to a larger disk, then continue with --resume auto")
 
     def _prune(self) -> None:
@@ -385,42 +124,10 @@ class Checkpointer:
                 raise
             except (RuntimeError, OSError, EOFError, KeyError, AssertionError, ValueError) as exc:
                 raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it into this engine "
-                                      f"({_gist(exc)})") from exc
+                                      f"({error_gist(exc)})") from exc
         if load_path is None:
             raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it (no model states file for this rank)")
         return client_state
-
-
-class WeightsOnlyLoading:
-    """Stands in for a DeepSpeed engine's `checkpoint_engine` while loading: everything is the wrapped
-    engine's except `load`, which uses weights_only=True with `training_globals()` (DeepSpeed 0.19 passes
-    weights_only=False, which runs whatever code a pickle names)."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def load(self, path: str, map_location: Any = None) -> Any:
-        """DeepSpeed's load hook, made safe."""
-        return safe_torch_load(path, map_location, training_globals())
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "_inner":  # not set yet (copy/unpickle): no recursion
-            raise AttributeError(name)
-        return getattr(self._inner, name)
-
-
-@contextlib.contextmanager
-def weights_only_loading(engine: Any) -> Iterator[None]:
-    """Route the engine's checkpoint reads through `WeightsOnlyLoading` for the duration of a load."""
-    if not hasattr(engine, "checkpoint_engine"):
-        raise RuntimeError("this DeepSpeed engine has no checkpoint_engine to load through; cannot guarantee "
-                           "weights_only=True loading")
-    original = engine.checkpoint_engine
-    engine.checkpoint_engine = WeightsOnlyLoading(original)
-    try:
-        yield
-    finally:
-        engine.checkpoint_engine = original
 
 
 def free_bytes(folder: Path) -> Optional[int]:
@@ -447,75 +154,3 @@ def _human(n: Optional[int]) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} bytes"
-
-
-def consolidated_state_dict(engine: Any, tag_dir: Optional[Path], zero_stage: int, fp32_engine: bool,
-                            strip_prefix: str = "") -> Optional[dict]:
-    """The full fp32 model state on rank 0 (None elsewhere), keys without `strip_prefix`.
-
-    ZeRO-3 (and ZeRO-1/2 with 16-bit weights) read the fp32 master weights back from a saved tag with
-    DeepSpeed's zero_to_fp32; otherwise the engine's own (already full) module state is used, with the
-    16-bit optimizer's fp32 master copies in place of 16-bit parameters.
-    """
-    if engine.global_rank != 0:
-        return None
-    if zero_stage == 3 or (zero_stage > 0 and not fp32_engine):
-        if tag_dir is None:
-            raise ValueError("a ZeRO checkpoint is needed to consolidate fp32 weights")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        verify_tag(tag_dir)  # zero_to_fp32 unpickles with weights_only=False: only after every file passed True
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    else:
-        sd = dict(engine.module.state_dict())
-        masters = _fp32_masters(engine.optimizer)
-        for name, p in engine.module.named_parameters():
-            if id(p) in masters:
-                sd[name] = masters[id(p)]
-    out = {}
-    for k, v in sd.items():
-        if strip_prefix and k.startswith(strip_prefix):
-            k = k[len(strip_prefix):]
-        v = v.detach().cpu()
-        out[k] = v.float().clone() if v.is_floating_point() else v.clone()
-    return out
-
-
-def _fp32_masters(optimizer: Any) -> dict[int, torch.Tensor]:
-    """id(16-bit param) -> its fp32 master copy, from DeepSpeed's non-ZeRO 16-bit optimizer wrappers
-    (FP16_UnfusedOptimizer keeps per-param masters, FP16_Optimizer flat ones); {} for anything else."""
-    groups16 = getattr(optimizer, "fp16_groups", None)
-    if not groups16:
-        return {}
-    per_param = getattr(optimizer, "fp32_groups", None)
-    if per_param is not None and len(per_param) == len(groups16):
-        return {id(p): m for g16, g32 in zip(groups16, per_param) for p, m in zip(g16, g32)}
-    flats = getattr(optimizer, "fp32_groups_flat", None)
-    if flats is not None and len(flats) == len(groups16):
-        from torch._utils import _unflatten_dense_tensors
-
-        return {id(p): m for g16, flat in zip(groups16, flats)
-                for p, m in zip(g16, _unflatten_dense_tensors(flat, g16))}
-    return {}
-
-
-def export_model(path: Path, state_dict: dict, cfg: Config, num_classes: int, num_cameras: int) -> Path:
-    """Write the evaluation/inference file: {"model", "config", "num_classes", "num_cameras"} (atomic)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"model": state_dict, "config": to_dict(cfg), "num_classes": num_classes,
-                "num_cameras": num_cameras}, tmp)
-    tmp.replace(path)
-    log.info("exported fp32 model to %s", path)
-    return path
-
-
-def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a file written by `export_model` with weights_only=True (it holds only tensors and plain values),
-    checking its keys; CheckpointError (a ValueError) names the file otherwise."""
-    blob = safe_torch_load(path, map_location)
-    if not isinstance(blob, dict):
-        raise CheckpointError(f"{path}: not an exported mip-dist model (a {type(blob).__name__}, not a dict)")
-    missing = {"model", "config", "num_classes", "num_cameras"} - set(blob)
-    if missing:
-        raise CheckpointError(f"{path}: not an exported mip-dist model (missing {', '.join(sorted(missing))})")
-    return blob

@@ -1,11 +1,20 @@
-"""The DeepSpeed config dict: built from cfg.train/optim/data, or read from a JSON checked against them."""
+"""The DeepSpeed config dict, built from cfg.train/optim/data (the one source of its values). A JSON named by
+train.deepspeed_config is checked against the run config and adds to the built dict (extra DeepSpeed tuning).
+
+    python -m mip_dist.engine.ds_config --config configs/mip_vitb16_sysu.yaml train.zero_stage=3 > zero3.json
+
+prints the dict the trainer builds, to start such a JSON from (configs/deepspeed/ holds one per ZeRO stage).
+"""
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from mip_dist.config import Config, ConfigError
+from mip_dist.cli import debug_requested, report_error
+from mip_dist.config import Config, ConfigError, load_config
 
 # ZeRO settings with concrete values (DeepSpeed rejects "auto" outside the HF integration).
 _ZERO_DEFAULTS: dict[int, dict[str, Any]] = {
@@ -95,16 +104,11 @@ def load_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if precision != cfg.train.precision:
         raise ConfigError(f"train.deepspeed_config: {path} trains in {precision} but train.precision="
                           f"{cfg.train.precision}")
-    ds = dict(ds)
     buffer_dtype = ds.get("data_types", {}).get("buffer_dtype", "fp32")
     if precision != "fp32" and buffer_dtype not in (precision, "bfloat16" if precision == "bf16" else "float16"):
         raise ConfigError(f"train.deepspeed_config: {path} trains in {precision} but keeps buffers in "
                           f"{buffer_dtype}; BatchNorm needs data_types.buffer_dtype={precision!r}")
-    ds.setdefault("gradient_accumulation_steps", cfg.train.grad_accum)
-    ds.setdefault("train_batch_size", micro * cfg.train.grad_accum * world_size)
-    ds.setdefault("zero_allow_untested_optimizer", True)
-    ds.setdefault("steps_per_print", 1_000_000_000)
-    return ds
+    return {**build_ds_config(cfg, world_size), **ds}  # what the file leaves out comes from the run config
 
 
 def _walk(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -115,3 +119,26 @@ def _walk(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
             out += _walk(v, f"{prefix}{k}.")
         return out
     return [(prefix.rstrip("."), d)]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Print the DeepSpeed JSON the trainer builds for a config (exit 2 with one line for a bad config)."""
+    p = argparse.ArgumentParser(description="Print the DeepSpeed config the trainer builds from a run config.")
+    p.add_argument("--config", default=None, help="YAML run config (default: the built-in defaults)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="ranks, to include train_batch_size (default: left out; DeepSpeed derives it at start)")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error (also MIP_DEBUG=1)")
+    p.add_argument("overrides", nargs="*", help="config overrides such as train.zero_stage=3 train.precision=fp16")
+    args = p.parse_args(argv)
+    try:
+        ds = build_ds_config(load_config(args.config, args.overrides), args.world_size or 1)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
+        return report_error(exc, debug_requested(args.debug), known=(ConfigError,))
+    if args.world_size is None:
+        del ds["train_batch_size"]
+    print(json.dumps(ds, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -70,8 +70,11 @@ def _gather_shares(feats: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, loader: Iterable[dict], *, device: torch.device | str,
                      flip: bool = False, dtype: torch.dtype = torch.float32,
-                     distributed: Optional[bool] = None) -> tuple[torch.Tensor, list[str]]:
+                     distributed: Optional[bool] = None, camera_offset: int = 0) -> tuple[torch.Tensor, list[str]]:
     """(features [N, F] float32 on CPU, keys [N]) for every test image, ordered by key, each once.
+
+    camera_offset: where this dataset's cameras start in the model's camera (SIE) table, for a model
+    trained on several datasets.
 
     distributed: gather every rank's share (all ranks must call, each with its own share of the
     test set); None = whenever a process group with more than one rank is up.
@@ -92,6 +95,7 @@ def extract_features(model: torch.nn.Module, loader: Iterable[dict], *, device: 
                 camera = torch.as_tensor(batch["camera"]).to(device=device, dtype=torch.long) - 1
                 if bool((camera < 0).any()):
                     raise ValueError("batch 'camera' must be the dataset's 1-based camera number; got 0 or less")
+                camera = camera + camera_offset
                 feat = model.extract(images, modality, camera).float()
                 if flip:
                     feat_flip = model.extract(images.flip(-1), modality, camera).float()
@@ -216,7 +220,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 def evaluate(model: torch.nn.Module, data_cfg: Any, eval_cfg: Any, index: dict, *,
              device: torch.device | str, loader: Optional[Iterable[dict]] = None,
              protocols: Optional[Sequence[str]] = None, dtype: Optional[torch.dtype] = None,
-             distributed: bool = False) -> dict:
+             distributed: bool = False, camera_offset: int = 0) -> dict:
     """Extract test features once and run every protocol setting; see `evaluate_features` for the result.
 
     distributed=False (what a rank-0-only caller needs): this process extracts the whole test set.
@@ -234,6 +238,6 @@ def evaluate(model: torch.nn.Module, data_cfg: Any, eval_cfg: Any, index: dict, 
         loader = build_test_loader(data_cfg, rank=rank, world_size=world, batch_size=eval_cfg.batch_size)
     feats, keys = extract_features(model, loader, device=device, flip=eval_cfg.flip,
                                    dtype=dtype if dtype is not None else default_dtype(device),
-                                   distributed=distributed)
+                                   distributed=distributed, camera_offset=camera_offset)
     return evaluate_features(feats, keys, index, list(protocols or eval_cfg.protocols), trials=eval_cfg.trials,
                              max_rank=eval_cfg.max_rank, rerank=eval_cfg.rerank, device=device)

@@ -80,6 +80,7 @@ class StepTimer:
         self.start = time.perf_counter()
         self.steps_done = 0
         self.seconds_done = 0.0
+        self.images_done = 0
 
     def reset(self) -> None:
         """Start a new logging window."""
@@ -105,6 +106,7 @@ class StepTimer:
         elapsed = max(now - self.window_start - self.excluded, 1e-9)
         self.steps_done += self.steps
         self.seconds_done += elapsed
+        self.images_done += self.images
         per_step = self.seconds_done / max(1, self.steps_done)
         per_rank = self.images / elapsed
         return {
@@ -114,3 +116,25 @@ class StepTimer:
             "step_time": elapsed / max(1, self.steps),
             "eta_min": per_step * steps_left / 60.0,
         }
+
+    def steps_so_far(self) -> int:
+        """Optimizer steps timed since the start, the open window included."""
+        return self.steps_done + self.steps
+
+    def rate_so_far(self, world_size: int) -> tuple[float, float]:
+        """(img/s over all ranks, seconds per optimizer step) since the start, the open window included."""
+        seconds = self.seconds_done + max(time.perf_counter() - self.window_start - self.excluded, 1e-9)
+        images = self.images_done + self.images
+        return images * world_size / seconds, seconds / max(1, self.steps_so_far())
+
+
+_TIMING_KEYS = ("kind", "step", "epoch", "lr", "img_s", "img_s_rank", "data_wait", "step_time", "eta_min",
+                "bad_steps_total")
+
+
+def format_train_record(record: dict[str, Any], total_steps: int) -> str:
+    """One log line for a training window: step, losses, LR, throughput, data wait and ETA."""
+    parts = " ".join(f"{k}={v:.4f}" for k, v in record.items() if k not in _TIMING_KEYS)
+    return (f"step {record['step']}/{total_steps} ep {record['epoch']:.2f} {parts} lr={record['lr']:.3e} "
+            f"img/s={record['img_s']:.1f} ({record['img_s_rank']:.1f}/rank) data_wait={100 * record['data_wait']:.0f}% "
+            f"eta={record['eta_min']:.1f}min")

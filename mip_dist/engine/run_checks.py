@@ -1,21 +1,52 @@
 """Checks of a run config against the shards it will read, done before any process group starts."""
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
 from mip_dist.config import Config, ConfigError
 from mip_dist.data.shards import ShardError, check_regdb_split
+from mip_dist.data.sources import ResolvedSource, label_space
+from mip_dist.data.stream import DataError
 from mip_dist.eval.protocols import DATASET_PROTOCOLS
 
 
-def check_shards_for_run(cfg: Config, index: dict, shards_dir: str) -> None:
+def check_data_for_run(cfg: Config, log_to: Optional[logging.Logger] = None) -> tuple[int, int, list[ResolvedSource]]:
+    """(num_classes, num_cameras, datasets) of the run's joint label space, after checking every dataset
+    against the config; a missing or broken index, a refused URL or a mismatch is a ConfigError.
+    `log_to` gets one line on how several datasets share the label and camera spaces."""
+    key = "data.train_urls" if cfg.data.train_urls else "data.shards"
+    try:
+        num_classes, num_cameras, sources = label_space(cfg.data)
+    except (DataError, ShardError, ValueError) as exc:
+        raise ConfigError(str(exc) if str(exc).startswith("data.") else f"{key}: {exc}") from exc
+    for src in sources:
+        if src.index is not None:
+            check_shards_for_run(cfg, src.index, src.path, multi_dataset=cfg.data.multi_dataset)
+    if cfg.data.multi_dataset:
+        check_dataset_protocols(cfg, [str(s.dataset) for s in sources])
+        if num_classes < cfg.data.num_identities:
+            raise ConfigError(f"data.batch_size: {cfg.data.batch_size} needs {cfg.data.num_identities} identities "
+                              f"per batch, but the {len(sources)} datasets hold only {num_classes}")
+        if log_to is not None:
+            log_to.info("%d datasets in one label space: %s", len(sources), "; ".join(
+                f"{s.name} ({s.dataset}, weight {s.weight:g}): labels {s.label_offset}.."
+                f"{s.label_offset + s.num_classes - 1}, cameras {s.camera_offset + 1}..{s.camera_offset + s.num_cameras}"
+                for s in sources))
+    return num_classes, num_cameras, sources
+
+
+def check_shards_for_run(cfg: Config, index: dict, shards_dir: str, multi_dataset: bool = False) -> None:
     """Refuse, naming the key, a run that would fail later on these shards: another dataset than
     data.dataset, a protocol the final evaluation cannot apply, another RegDB split, or a batch
-    needing more identities than the training set has."""
+    needing more identities than the training set has. In a multi-dataset run each index names its
+    own dataset and protocol (data.shards[i].protocol), so only the split and size checks apply."""
     dataset = str(index.get("dataset"))
-    if cfg.data.dataset != dataset:
+    if not multi_dataset and cfg.data.dataset != dataset:
         raise ConfigError(f"data.dataset: {cfg.data.dataset!r}, but the shards in {shards_dir} hold {dataset!r} "
                           f"(index.json); set data.dataset={dataset} or point data.shards at {cfg.data.dataset} shards")
     allowed = DATASET_PROTOCOLS.get(dataset)
-    if cfg.train.eval_every_epochs > 0 and allowed is not None:
+    if not multi_dataset and cfg.train.eval_every_epochs > 0 and allowed is not None:
         wrong = [p for p in cfg.eval.protocols if p not in allowed]
         if wrong:
             raise ConfigError(f"eval.protocols: {', '.join(wrong)} cannot evaluate {dataset} shards ({shards_dir}); "
@@ -25,7 +56,16 @@ def check_shards_for_run(cfg: Config, index: dict, shards_dir: str) -> None:
     except ShardError as exc:
         raise ConfigError(str(exc)) from exc
     num_ids, classes = cfg.data.num_identities, int(index.get("num_classes", 0))
-    if classes < num_ids:
+    if classes < num_ids and not multi_dataset:  # several datasets: their identities together
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} needs {num_ids} identities per batch "
                           f"(data.batch_size / (2 x data.num_instances)), but the training set in {shards_dir} "
                           f"has only {classes}")
+
+
+def check_dataset_protocols(cfg: Config, datasets: list[str]) -> None:
+    """In a multi-dataset run, each data.shards[i].protocol must apply to the dataset its index names."""
+    for i, (src, dataset) in enumerate(zip(cfg.data.sources(), datasets)):
+        allowed = DATASET_PROTOCOLS.get(dataset)
+        if src.protocol and allowed is not None and src.protocol not in allowed:
+            raise ConfigError(f"data.shards[{i}].protocol: {src.protocol} cannot evaluate {dataset} shards "
+                              f"({src.path}); use {' or '.join(sorted(allowed))}")

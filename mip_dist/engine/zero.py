@@ -1,7 +1,10 @@
-"""ZeRO-3 support: every parameter read inside its own module's call, and the few exceptions declared."""
+"""The model as DeepSpeed sees it (`DictOutput`), and ZeRO-3 support: every parameter read inside its own
+module's call, and the few exceptions declared."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Any, Optional
 
 from torch import nn
 
@@ -39,3 +42,26 @@ def prepare_for_zero3(root: nn.Module, model: nn.Module) -> tuple[int, int]:
     log.info("ZeRO-3: %d blocks compute prompt k/v through their qkv module; %d parameters gathered per step",
              switched, registered)
     return switched, registered
+
+
+class DictOutput(nn.Module):
+    """Wraps the model for DeepSpeed: returns its output dataclass as a dict (ZeRO-3 hooks only see
+    tensors inside tuples/lists/dicts). Under ZeRO-3, `prepare_for_zero3` makes ZeRO gather one module's
+    parameters at a time, except the few it registers on this wrapper. Checkpoint keys carry the
+    `model.` prefix; exports strip it."""
+
+    def __init__(self, model: nn.Module, zero3: bool) -> None:
+        super().__init__()
+        self.model = model
+        self._out_type: Optional[type] = None
+        if zero3:
+            prepare_for_zero3(self, model)
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        out = self.model(*args, **kwargs)
+        self._out_type = type(out)
+        return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+
+    def unpack(self, out: dict[str, Any]) -> Any:
+        """The model's own output object again."""
+        return self._out_type(**out)

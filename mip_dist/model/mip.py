@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -188,23 +188,7 @@ class MIP(nn.Module):
     def grid_size(self) -> tuple[int, int]:
         return self.patch_embed.grid_size
 
-    @property
-    def feature_dim(self) -> int:
-        """Size of the `extract` feature: C * (1 + num_parts)."""
-        return self.embed_dim * (1 + self.num_parts)
-
-    # ------------------------------------------------------------------------------ parameters
-
-    def named_parameters_by_category(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Parameters grouped by `param_category` (every category key present, possibly empty)."""
-        groups: dict[str, list[tuple[str, nn.Parameter]]] = {k: [] for k in ("backbone", "prompt", "ipg", "head")}
-        for name, p in self.named_parameters():
-            groups[param_category(name)].append((name, p))
-        return groups
-
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        """The ViT's own parameters (what frozen-backbone prompt tuning freezes)."""
-        return (p for _, p in self.named_parameters_by_category()["backbone"])
+    # ------------------------------------------------------------------------------ weights
 
     def load_pretrained(self, path: str) -> dict:
         """Load a timm ViT checkpoint (see pretrained.load_pretrained); b1/b2 receive its last block."""

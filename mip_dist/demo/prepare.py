@@ -1,6 +1,7 @@
 """Make the embedded synthetic dataset and its shards on demand, so a fresh clone can train at once.
 
-The demo writes only into folders it owns: data.root must be absent, empty or a tree the synthetic
+A run on `data.dataset: synthetic` (one shard folder, no data.train_urls) gets its data here before
+training: local rank 0 writes, the other ranks wait. The demo writes only into folders it owns: data.root must be absent, empty or a tree the synthetic
 generator wrote (its marker file), and data.shards absent, empty or holding synthetic shards. Anything
 else (a real dataset's tree or shards) is refused with a ConfigError before a single file is touched.
 """
@@ -8,15 +9,21 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from mip_dist.config import ConfigError, DataConfig
+from mip_dist.data.layouts import DatasetError, detect_layout
+from mip_dist.data.shards import ShardError, describe_index, inspect_folder, shards_up_to_date, write_shards
 
-from .layouts import DatasetError, detect_layout
-from .shards import ShardError, describe_index, inspect_folder, shards_up_to_date, write_shards
 from .synthetic import MARKER, generate_synthetic, is_up_to_date
 
 log = logging.getLogger(__name__)
+
+
+def needs_synthetic_data(data_cfg: DataConfig) -> bool:
+    """True when the run trains on the synthetic set, which is made on demand (not for URLs or a dataset list)."""
+    return data_cfg.dataset == "synthetic" and not data_cfg.train_urls and not data_cfg.multi_dataset
 
 
 def _generator_args(data_cfg: DataConfig) -> dict:
@@ -98,3 +105,20 @@ def ensure_synthetic_shards(data_cfg: DataConfig, *, workers: int | None = None,
                          progress=progress, chunk_instances=data_cfg.num_instances)
     log.info("synthetic shards ready at %s", data_cfg.shards)
     return index
+
+
+def prepare_synthetic(data_cfg: DataConfig, world_size: int, wait_s: float = 1800.0) -> None:
+    """Make (or remake, after a generator change) the synthetic set and its shards: local rank 0 writes, others
+    wait; every rank first refuses folders the demo does not own (a real dataset's tree or shards), before any write."""
+    check_synthetic_targets(data_cfg)
+    if synthetic_shards_ready(data_cfg):
+        return
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 or world_size == 1:
+        log.info("preparing the synthetic visible-infrared set at %s -> shards %s", data_cfg.root, data_cfg.shards)
+        ensure_synthetic_shards(data_cfg, progress=int(os.environ.get("RANK", "0")) == 0)
+        return
+    deadline = time.monotonic() + wait_s
+    while not synthetic_shards_ready(data_cfg):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {wait_s:.0f}s for local rank 0 to write {Path(data_cfg.shards) / 'index.json'}")
+        time.sleep(2.0)

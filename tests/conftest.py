@@ -1,12 +1,18 @@
-"""Shared helpers for the model tests (no tests here): small configs, deterministic inputs, comparisons."""
+"""Shared test helpers (imported as `from conftest import ...`): small model configs, deterministic inputs,
+comparisons and parameter grouping."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
+from torch import nn
+
+if not torch.cuda.is_available():  # Triton chooses the interpreter when it is first imported: before any test
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from mip_dist.config import load_config
-from mip_dist.model import build_model
+from mip_dist.model import build_model, param_category
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -26,6 +32,7 @@ def small_cfg(name: str, extra: list[str] | None = None):
 
 
 def make_model(cfg, impl: str = "torch", seed: int = 0):
+    """The config's model with seeded weights and the given attention impl."""
     torch.manual_seed(seed)
     return build_model(cfg.model, cfg.attention.__class__(impl=impl), NUM_CLASSES, NUM_CAMERAS)
 
@@ -55,3 +62,28 @@ def output_tensors(out) -> dict[str, torch.Tensor]:
         for i, t in enumerate(getattr(out, group)):
             named[f"{group}.{i}"] = t
     return named
+
+
+def params_by_category(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The model's named parameters grouped by `param_category` (every category present, possibly empty)."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {k: [] for k in ("backbone", "prompt", "ipg", "head")}
+    for name, p in model.named_parameters():
+        groups[param_category(name)].append((name, p))
+    return groups
+
+
+
+def take_batches(stream, n=None) -> list:
+    """The next n batches of a stream (all of its current epoch when n is None)."""
+    out = []
+    for b in stream:
+        out.append(b)
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def same_batches(a: list, b: list) -> bool:
+    """Two batch lists equal in every tensor and list (images, labels, keys)."""
+    return len(a) == len(b) and all(torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k]
+                                    for x, y in zip(a, b) for k in x)

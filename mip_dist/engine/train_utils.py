@@ -1,0 +1,81 @@
+"""Small pieces of the training loop: seeding, fp32 loss inputs, device values read in one copy, the
+gradient norm on the device, and config differences on resume."""
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from .distributed import to_host
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_float32(obj: Any) -> Any:
+    """Cast every floating tensor of a (dataclass / list / dict of) model output to fp32 for the loss."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: to_float32(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_float32(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: to_float32(v) for k, v in obj.items()}
+    return obj
+
+
+def grad_norm(engine: Any, zero_stage: int) -> Any:
+    """Global gradient norm after the step's all-reduce, left on the device: computed here without ZeRO
+    (DeepSpeed reports none there), else the one the ZeRO optimizer computed (a float or a tensor)."""
+    if zero_stage > 0:
+        gn = engine.get_global_grad_norm()
+        return gn if gn is not None else float("nan")
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else 0.0
+
+
+def non_finite_tensors(state: dict) -> list[str]:
+    """Names of floating tensors in a state dict that hold NaN or inf."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def read_floats(values: list[Any]) -> list[float]:
+    """A logging window's values as floats: device tensors are read back here, in one copy."""
+    tensors = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    read = iter(to_host(torch.stack([t.to(tensors[0].device) for t in tensors])))
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+
+def lr_mult(optimizer: torch.optim.Optimizer) -> float:
+    """Current schedule multiplier, read back from the first group."""
+    g = optimizer.param_groups[0]
+    return g["lr"] / g["initial_lr"]
+
+
+def main_thread() -> bool:
+    """signal.signal only works in the main thread."""
+    return threading.current_thread() is threading.main_thread()
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
