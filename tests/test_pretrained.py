@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mip_dist.model import load_pretrained
-from mip_dist.model.mip import param_category
+from mip_dist.model import param_category
 
 from conftest import inputs, make_model, rel_err, small_cfg
 

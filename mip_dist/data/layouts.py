@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 SYSU_CAMERAS = (1, 2, 3, 4, 5, 6)
 SYSU_INFRARED_CAMERAS = (3, 6)
-LLCM_VIS_CAMERAS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
-LLCM_NIR_CAMERAS = (1, 2, 4, 5, 6, 7, 8, 9)
+LLCM_VISIBLE_CAMERAS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+LLCM_INFRARED_CAMERAS = (1, 2, 4, 5, 6, 7, 8, 9)
 DATASETS = ("sysu", "regdb", "llcm", "synthetic")
 
 
@@ -236,8 +236,8 @@ def read_llcm(root: str, report: Optional[ReadReport] = None) -> list[Record]:
     test_list = base / "idx" / "test_id.txt"
     for pid in read_id_list(test_list):
         found = 0
-        for folder_name, cams, modality in (("test_vis", LLCM_VIS_CAMERAS, VISIBLE),
-                                             ("test_nir", LLCM_NIR_CAMERAS, INFRARED)):
+        for folder_name, cams, modality in (("test_vis", LLCM_VISIBLE_CAMERAS, VISIBLE),
+                                             ("test_nir", LLCM_INFRARED_CAMERAS, INFRARED)):
             for cam in cams:
                 folder = base / folder_name / f"cam{cam}" / f"{pid:04d}"
                 if not folder.is_dir():

@@ -90,13 +90,13 @@ class _Canvas:
     pixels: np.ndarray  # float32 [H, W, 3] visible colours or [H, W] infrared emission
     pattern_color: tuple[float, float, float]
 
-    def paint(self, mask: np.ndarray, color: tuple[float, float, float], ir_level: float,
+    def paint(self, mask: np.ndarray, color: tuple[float, float, float], infrared_level: float,
               material: Optional[str] = None, pattern: Optional[np.ndarray] = None) -> None:
         """Paint one part in place: colour (visible) or emission (infrared), times the material weave
         (evaluated on the part's pixels only)."""
         t = 1.0 if material is None else _weave(material, self.u[mask], self.v[mask], self.fuzz[mask])
         if self.infrared:  # colour carries no heat signature; the print's ink layer does, whatever its colour
-            vals = ir_level * np.broadcast_to(t, (int(mask.sum()),)).astype(np.float32)
+            vals = infrared_level * np.broadcast_to(t, (int(mask.sum()),)).astype(np.float32)
             if pattern is not None:
                 vals[pattern[mask]] *= INK_EMISSION
             self.pixels[mask] = vals
@@ -117,16 +117,16 @@ class _Body:
     waist: float
     shoulder: float  # half-width
     hip_waist: float  # half-width at the waist
-    skin_ir: float
-    upper_ir: float
-    lower_ir: float
+    skin_infrared: float
+    upper_infrared: float
+    lower_infrared: float
 
     @classmethod
     def of(cls, idn: Identity) -> "_Body":
         """The measures of identity `idn`."""
         return cls(waist=0.15 + idn.torso, shoulder=0.105 * idn.build, hip_waist=0.085 * idn.build,
-                   skin_ir=idn.heat, upper_ir=idn.heat * MATERIALS[idn.upper_material],
-                   lower_ir=idn.heat * MATERIALS[idn.lower_material])
+                   skin_infrared=idn.heat, upper_infrared=idn.heat * MATERIALS[idn.upper_material],
+                   lower_infrared=idn.heat * MATERIALS[idn.lower_material])
 
 
 def _new_canvas(idn: Identity, style: CameraStyle, view: View, rng: np.random.Generator,
@@ -152,19 +152,19 @@ def _paint_legs(c: _Canvas, idn: Identity, view: View, body: _Body) -> None:
         a = (side * hip, waist - 0.02)
         b = (side * hip + side * 0.01 + view.stride * side, foot_v)
         leg, t = _capsule(u, v, a, b, leg_r)
-        c.paint(leg, idn.skin, body.skin_ir)
+        c.paint(leg, idn.skin, body.skin_infrared)
         cover = {"trousers": 0.93, "shorts": 0.35, "skirt": 0.0}[idn.lower_type]
         if cover > 0:
-            c.paint(leg & (t < cover), idn.lower_color, body.lower_ir, idn.lower_material)
+            c.paint(leg & (t < cover), idn.lower_color, body.lower_infrared, idn.lower_material)
         shoe, _ = _capsule(u, v, (b[0], foot_v - 0.005), (b[0] + 0.03 * (1 if view.front else -1), foot_v), 0.018)
         c.paint(shoe, idn.shoe_color, idn.heat * 0.35)
     if idn.lower_type == "skirt":
         tt = np.clip((v - waist + 0.02) / 0.24, 0.0, 1.0)
         skirt = (v > waist - 0.02) & (v < waist + 0.22) & (np.abs(u) < body.hip_waist + 0.06 * tt)
-        c.paint(skirt, idn.lower_color, body.lower_ir, idn.lower_material)
+        c.paint(skirt, idn.lower_color, body.lower_infrared, idn.lower_material)
     else:  # trousers and shorts: the waistband
         c.paint((v > waist - 0.03) & (v < waist + 0.05) & (np.abs(u) < body.hip_waist + 0.005), idn.lower_color,
-                body.lower_ir, idn.lower_material)
+                body.lower_infrared, idn.lower_material)
 
 
 def _paint_arms(c: _Canvas, idn: Identity, view: View, body: _Body) -> None:
@@ -175,8 +175,8 @@ def _paint_arms(c: _Canvas, idn: Identity, view: View, body: _Body) -> None:
         ang = view.swing * side
         b = (a[0] + side * 0.02 + length * math.sin(ang) * 0.5, 0.175 + length * math.cos(ang))
         arm, t = _capsule(c.u, c.v, a, b, 0.026 * idn.build)
-        c.paint(arm, idn.skin, body.skin_ir)
-        c.paint(arm & (t < (0.92 if idn.long_sleeves else 0.38)), idn.upper_color, body.upper_ir, idn.upper_material)
+        c.paint(arm, idn.skin, body.skin_infrared)
+        c.paint(arm & (t < (0.92 if idn.long_sleeves else 0.38)), idn.upper_color, body.upper_infrared, idn.upper_material)
 
 
 def _paint_torso(c: _Canvas, idn: Identity, view: View, body: _Body) -> None:
@@ -185,13 +185,13 @@ def _paint_torso(c: _Canvas, idn: Identity, view: View, body: _Body) -> None:
     tt = np.clip((v - 0.15) / idn.torso, 0.0, 1.0)
     torso = (v > 0.15) & (v < body.waist + 0.01) & (np.abs(u) < ws + (body.hip_waist - ws) * tt)
     torso |= _capsule(u, v, (-ws + 0.025, 0.17), (ws - 0.025, 0.17), 0.03)[0] & (v > 0.145)
-    c.paint(torso, idn.upper_color, body.upper_ir, idn.upper_material, _pattern(idn, u, v, view.front) & torso)
+    c.paint(torso, idn.upper_color, body.upper_infrared, idn.upper_material, _pattern(idn, u, v, view.front) & torso)
 
 
 def _paint_bag(c: _Canvas, idn: Identity, view: View, body: _Body) -> None:
     """A backpack (straps from the front, the pack from behind) or a shoulder bag, if any."""
     u, v, bw, ws = c.u, c.v, idn.build, body.shoulder
-    bag_ir = idn.heat * MATERIALS[idn.bag_material] * 0.55  # carried, so cooler than worn cloth
+    bag_infrared = idn.heat * MATERIALS[idn.bag_material] * 0.55  # carried, so cooler than worn cloth
     parts = []
     if idn.bag == "backpack" and view.front:
         parts = [(np.abs(u - side * 0.06 * bw) < 0.012) & (v > 0.15) & (v < 0.36) for side in (-1.0, 1.0)]
@@ -201,22 +201,22 @@ def _paint_bag(c: _Canvas, idn: Identity, view: View, body: _Body) -> None:
         parts = [_capsule(u, v, (-ws + 0.02, 0.16), (ws + 0.02, body.waist), 0.01)[0],
                  (np.abs(u - (ws + 0.035)) < 0.045) & (v > body.waist - 0.06) & (v < body.waist + 0.07)]
     for part in parts:
-        c.paint(part, idn.bag_color, bag_ir, idn.bag_material)
+        c.paint(part, idn.bag_color, bag_infrared, idn.bag_material)
 
 
 def _paint_head(c: _Canvas, idn: Identity, view: View, body: _Body) -> None:
     """Neck, head, hair (long hair behind the face, or over the back) and hat."""
     u, v = c.u, c.v
-    c.paint((np.abs(u) < 0.022) & (v > 0.11) & (v < 0.17), idn.skin, body.skin_ir)
-    hair_ir = idn.heat * 0.55
+    c.paint((np.abs(u) < 0.022) & (v > 0.11) & (v < 0.17), idn.skin, body.skin_infrared)
+    hair_infrared = idn.heat * 0.55
     long_hair = (np.abs(u) < 0.05) & (v > 0.05) & (v < (0.16 if view.front else 0.22))
     if idn.long_hair and view.front:  # behind the face
-        c.paint(long_hair, idn.hair, hair_ir)
+        c.paint(long_hair, idn.hair, hair_infrared)
     head = ((u / 0.047) ** 2 + ((v - 0.075) / 0.066) ** 2) < 1.0
-    c.paint(head, idn.skin, body.skin_ir)
-    c.paint(head & (v < (0.035 if view.front else 0.11)), idn.hair, hair_ir)
+    c.paint(head, idn.skin, body.skin_infrared)
+    c.paint(head & (v < (0.035 if view.front else 0.11)), idn.hair, hair_infrared)
     if idn.long_hair and not view.front:
-        c.paint(long_hair, idn.hair, hair_ir)
+        c.paint(long_hair, idn.hair, hair_infrared)
     if idn.hat:
         cap = (((u / 0.055) ** 2 + ((v - 0.03) / 0.04) ** 2) < 1.0) & (v < 0.035)
         brim = (np.abs(v - 0.033) < 0.007) & (u > -0.05) & (u < (0.09 if view.front else 0.05))

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mip_dist.data.eval_loader import build_test_loader
 from mip_dist.engine import distributed
 from mip_dist.eval.metrics import pairwise_distance, rank_metrics
 from mip_dist.eval.protocols import Setting, build_settings
@@ -232,8 +233,6 @@ def evaluate(model: torch.nn.Module, data_cfg: Any, eval_cfg: Any, index: dict, 
     if distributed and _group_size() == 1:
         distributed = False
     if loader is None:
-        from mip_dist.data.stream import build_test_loader
-
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         loader = build_test_loader(data_cfg, rank=rank, world_size=world, batch_size=eval_cfg.batch_size)
     feats, keys = extract_features(model, loader, device=device, flip=eval_cfg.flip,

@@ -48,8 +48,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 INFRARED, VISIBLE = 0, 1
-SYSU_IR_CAMERAS = (3, 6)
-SYSU_RGB_CAMERAS = {"all": (1, 2, 4, 5), "indoor": (1, 2)}
+SYSU_INFRARED_CAMERAS = (3, 6)
+SYSU_VISIBLE_CAMERAS = {"all": (1, 2, 4, 5), "indoor": (1, 2)}
 MULTI_SHOT = 10
 PROTOCOL_NAMES = ("sysu", "sysu_authors", "regdb", "llcm")
 # which protocols make sense for which index["dataset"] (synthetic trees use the SYSU layout)
@@ -150,15 +150,15 @@ def _check_modality(t: _Table, idx: np.ndarray, modality: int, what: str) -> Non
 def sysu_settings(records: Sequence[dict], trials: int = 10, *, authors: bool = False) -> list[Setting]:
     """SYSU-MM01 all/indoor x single/multi-shot (standard), or the authors' one fixed gallery."""
     t = _Table(records)
-    query = t.select(INFRARED, SYSU_IR_CAMERAS)
+    query = t.select(INFRARED, SYSU_INFRARED_CAMERAS)
     if query.size == 0:
         raise ProtocolError("protocol 'sysu' needs infrared test records from cameras 3 and 6; none in the index")
-    rgb_all = np.flatnonzero(np.isin(t.cam, SYSU_RGB_CAMERAS["all"]))
-    _check_modality(t, rgb_all, VISIBLE, "SYSU RGB cameras 1, 2, 4, 5")
+    visible_all = np.flatnonzero(np.isin(t.cam, SYSU_VISIBLE_CAMERAS["all"]))
+    _check_modality(t, visible_all, VISIBLE, "SYSU RGB cameras 1, 2, 4, 5")
     protocol = "sysu_authors" if authors else "sysu"
     seeds = [0] if authors else list(range(trials))
     settings = []
-    for mode, cameras in SYSU_RGB_CAMERAS.items():
+    for mode, cameras in SYSU_VISIBLE_CAMERAS.items():
         candidates = t.select(VISIBLE, cameras)
         if candidates.size == 0:
             raise ProtocolError(f"protocol {protocol!r} ({mode}-search) needs visible test records from "
@@ -222,30 +222,30 @@ def llcm_settings(records: Sequence[dict], trials: int = 10) -> list[Setting]:
     """LLCM as the authors' test script runs it: IR->VIS, VIS->IR (roles swapped), plus the literal VIS->IR."""
     t = _Table(records)
     seeds = list(range(trials))
-    nir, nir_groups = _llcm_side(t, INFRARED, "near-infrared side")
-    vis, vis_groups = _llcm_side(t, VISIBLE, "visible side")
-    vis_draws = _llcm_draws(vis_groups, trials, "infrared_to_visible")
-    nir_draws = _llcm_draws(nir_groups, trials, "visible_to_infrared")
+    infrared, infrared_groups = _llcm_side(t, INFRARED, "near-infrared side")
+    visible, visible_groups = _llcm_side(t, VISIBLE, "visible side")
+    visible_draws = _llcm_draws(visible_groups, trials, "infrared_to_visible")
+    infrared_draws = _llcm_draws(infrared_groups, trials, "visible_to_infrared")
     rule = "same identity+camera removal, unique-identity CMC"
     return [
-        Setting(name="infrared_to_visible", protocol="llcm", metric="llcm", query=nir, galleries=vis_draws,
+        Setting(name="infrared_to_visible", protocol="llcm", metric="llcm", query=infrared, galleries=visible_draws,
                 seeds=list(seeds),
                 description=(f"LLCM IR->VIS as published (authors' test_mode=[1,2]): all near-infrared queries, "
                              f"{trials} random galleries of one visible image per (identity, camera), {rule}"),
-                counts={"query": int(nir.size), "gallery": int(vis_draws[0].size), "gallery_groups": len(vis_groups)}),
+                counts={"query": int(infrared.size), "gallery": int(visible_draws[0].size), "gallery_groups": len(visible_groups)}),
         Setting(name="visible_to_infrared", protocol="llcm", metric="llcm",
-                query=np.unique(np.concatenate(nir_draws)), galleries=[vis] * trials, seeds=list(seeds),
-                query_draws=nir_draws,
+                query=np.unique(np.concatenate(infrared_draws)), galleries=[visible] * trials, seeds=list(seeds),
+                query_draws=infrared_draws,
                 description=(f"LLCM VIS->IR as published (authors' test_mode=[2,1], roles swapped): per trial, "
                              f"one near-infrared image per (identity, camera) is ranked against ALL visible "
                              f"test images, {trials} trials, {rule}"),
-                counts={"query": int(nir_draws[0].size), "gallery": int(vis.size), "query_groups": len(nir_groups)}),
-        Setting(name="visible_to_infrared_literal", protocol="llcm", metric="llcm", query=vis, galleries=nir_draws,
+                counts={"query": int(infrared_draws[0].size), "gallery": int(visible.size), "query_groups": len(infrared_groups)}),
+        Setting(name="visible_to_infrared_literal", protocol="llcm", metric="llcm", query=visible, galleries=infrared_draws,
                 seeds=list(seeds), headline=False,
                 description=(f"LLCM literal VIS->IR (extra, not comparable with published tables): all visible "
                              f"queries, {trials} random galleries of one near-infrared image per (identity, "
                              f"camera), {rule}"),
-                counts={"query": int(vis.size), "gallery": int(nir_draws[0].size), "gallery_groups": len(nir_groups)}),
+                counts={"query": int(visible.size), "gallery": int(infrared_draws[0].size), "gallery_groups": len(infrared_groups)}),
     ]
 
 

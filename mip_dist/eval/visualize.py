@@ -18,6 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from .metrics import keep_mask, pairwise_distance
+
 log = logging.getLogger(__name__)
 
 MODALITY_MARKERS = {0: ("o", "infrared"), 1: ("^", "visible")}
@@ -217,8 +219,6 @@ def rank_lists(feats: torch.Tensor, row_of: dict[str, int], records: Sequence[di
     Returns {"sample": [...], "worst": [...]}, each entry {"key", "pid", "camera", "ap", "gallery":
     [{"key", "pid", "camera", "distance", "same"}]}; queries without a true match are not listed.
     """
-    from .metrics import keep_mask, pairwise_distance
-
     query, gallery = setting.trial_query(trial), setting.galleries[trial]
     q_rec = [records[i] for i in query]
     g_rec = [records[i] for i in gallery]

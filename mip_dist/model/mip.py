@@ -21,6 +21,7 @@ from .heads import BNNeckHead
 from .ipg import FusionIPG, GenerationIPG
 from .jpm import FinalBlock, shuffle_unit, split_parts
 from .mpl import ModalityPrompts
+from .pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -53,20 +54,6 @@ class _Trunk:
     bank: Optional[Tensor] = None
     inst: Optional[Tensor] = None
     inst_means: list[Tensor] = field(default_factory=list)
-
-
-def param_category(name: str) -> str:
-    """LR/freeze group of a parameter name: 'prompt' (mpl.), 'ipg' (ipg.), 'head' (heads., iael_heads.) or 'backbone'."""
-    for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    if name.startswith("mpl."):
-        return "prompt"
-    if name.startswith("ipg."):
-        return "ipg"
-    if name.startswith(("heads.", "iael_heads.")):
-        return "head"
-    return "backbone"
 
 
 def _make_block(cfg: ModelConfig, drop_path: float) -> PromptedBlock:
@@ -192,8 +179,6 @@ class MIP(nn.Module):
 
     def load_pretrained(self, path: str) -> dict:
         """Load a timm ViT checkpoint (see pretrained.load_pretrained); b1/b2 receive its last block."""
-        from .pretrained import load_pretrained
-
         return load_pretrained(self, path)
 
     # ------------------------------------------------------------------------------ forward

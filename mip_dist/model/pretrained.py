@@ -7,7 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
+
+from mip_dist.engine.safe_load import CheckpointError, safe_torch_load
+
+from .param_groups import param_category
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -51,8 +56,6 @@ def _read_npz(path: str) -> dict[str, Tensor]:
 
 def _load_torch_file(path: str) -> object:
     """torch.load with weights_only=True (a downloaded file cannot run code); one-line error naming the file."""
-    from mip_dist.engine.checkpoint import CheckpointError, safe_torch_load
-
     try:
         return safe_torch_load(path, map_location="cpu")
     except CheckpointError as exc:
@@ -102,10 +105,6 @@ def load_pretrained(model: nn.Module, path: str) -> dict[str, list[str]]:
     names (an exported or converted MIP) loads name for name, for fine-tuning; its identity classifiers are
     left at init when the class count differs.
     """
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    from .mip import param_category
-
     raw = read_checkpoint(path)
     shapes = {k: tuple(v.shape) for k, v in raw.items()}
     sd = checkpoint_filter_fn(raw, model, interpolation="bilinear", antialias=False)

@@ -26,9 +26,11 @@ from typing import Any, Optional
 
 import torch
 
-from mip_dist.config import Config, ConfigError, ModelConfig, validate
+from mip_dist.config import Config, ConfigError, ModelConfig, to_dict, validate
+from mip_dist.engine.safe_load import CheckpointError, safe_torch_load
 
 from .mip import MIP
+from .pretrained import unwrap_state_dict
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -63,10 +65,6 @@ class ReleaseCheckpointError(ValueError):
 
 def read_release_state_dict(path: str | Path, mmap: bool = False) -> dict[str, Tensor]:
     """Their state dict from a file (weights_only), unwrapped from {"state_dict"}/{"model"}, without `module.`."""
-    from mip_dist.engine.checkpoint import CheckpointError, safe_torch_load
-
-    from .pretrained import unwrap_state_dict
-
     try:
         obj = safe_torch_load(path, map_location="cpu", mmap=mmap)
     except CheckpointError as exc:
@@ -285,8 +283,6 @@ def release_blob(path: str | Path, base: Optional[Config] = None, bug_refine: bo
 
     With `base` (e.g. configs/mip_vitb16_sysu_release.yaml), its data/eval/train sections and the model keys
     the tensors cannot tell (NOT_INFERRED) are kept; everything else comes from the checkpoint."""
-    from mip_dist.config import to_dict
-
     sd = read_release_state_dict(path)
     overrides = {k: getattr(base.model, k) for k in NOT_INFERRED} if base is not None else {}
     cfg, num_classes, num_cameras = release_config(sd, base, **overrides)
