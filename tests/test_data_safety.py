@@ -316,6 +316,25 @@ def test_check_split_keys_refuses_duplicate_keys_across_shards(tmp_path):
         check_split_keys(str(out), "test", index)
 
 
+def test_unchanged_test_shards_are_scanned_for_keys_once(tmp_path, monkeypatch):
+    from mip_dist.data import shard_index
+
+    out = _real_shards(tmp_path)
+    index = read_index(str(out))
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(shard_index.tarfile, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    for _ in range(3):  # e.g. one evaluation per epoch
+        shard_index.check_split_keys(str(out), "test", index)
+    tests = [s for s in index["shards"] if s["split"] == "test"]
+    assert len(opened) == len(tests)
+    src = out / tests[0]["name"]
+    src.write_bytes(src.read_bytes())  # rewritten in place: a new modification time
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 1_000_000_000))
+    shard_index.check_split_keys(str(out), "test", index)
+    assert len(opened) == 2 * len(tests)
+
+
 # ----------------------------------------------------------------------------------- case 10: paths in index files
 
 

@@ -67,11 +67,19 @@ def check_unique_test_keys(index: dict, path: Path) -> None:
         first[key] = r.get("path")
 
 
+_KEYS_CHECKED: set[tuple] = set()  # (split, (path, size, mtime) of each shard) already scanned in this process
+
+
 def check_split_keys(shards_dir: str, split: str, index: Optional[dict] = None) -> None:
-    """Refuse shards of one split that store a sample key twice (reads tar headers only, not images)."""
+    """Refuse shards of one split that store a sample key twice (reads tar headers only, not images). Each
+    unchanged set of shards is scanned once per process: evaluations during training do not rescan it."""
     index = index if index is not None else read_index(shards_dir)
+    urls = shard_urls(shards_dir, split, index)
+    stamp = (split, tuple((str(Path(u).resolve()), Path(u).stat().st_size, Path(u).stat().st_mtime_ns) for u in urls))
+    if stamp in _KEYS_CHECKED:
+        return
     seen: dict[str, str] = {}
-    for url in shard_urls(shards_dir, split, index):
+    for url in urls:
         name = Path(url).name
         with tarfile.open(url) as tar:
             for member in tar:
@@ -84,6 +92,7 @@ def check_split_keys(shards_dir: str, split: str, index: Optional[dict] = None) 
                                      f"the {split} split must not repeat a key: rewrite the shards with "
                                      "`python launch/make_shards.py ... --overwrite`")
                 seen[key] = name
+    _KEYS_CHECKED.add(stamp)
 
 
 def check_regdb_split(index: dict, regdb_split: int, shards_dir: str) -> None:
