@@ -250,6 +250,24 @@ def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(engine0, tmp_pa
     assert ckpt.Checkpointer.load(engine, good)["step"] == 1
 
 
+def test_an_unchanged_tag_is_unpickled_once_and_a_changed_one_again(engine0, tmp_path, monkeypatch):
+    engine, cfg = engine0
+    tag = ckpt.Checkpointer(tmp_path / "run", keep_last=3, is_main=True).save(engine, 1, client_state(cfg))
+    loads = []
+    real = tags._quick_load
+    monkeypatch.setattr(tags, "_quick_load", lambda path: loads.append(path) or real(path))
+    for _ in range(3):  # preflight, run-directory choice, load: one resume
+        tags.verify_tag(tag)
+    once = len(loads)
+    assert once >= 1
+    states = tag / "mp_rank_00_model_states.pt"
+    _damage(states, "zeroed")  # same size, new content
+    os.utime(states, ns=(states.stat().st_atime_ns, states.stat().st_mtime_ns + 1_000_000_000))
+    with pytest.raises(safe_load.CheckpointError):
+        tags.verify_tag(tag)
+    assert len(loads) == once + 1
+
+
 def test_all_checkpoints_damaged_is_an_error_not_a_fresh_start(engine0, tmp_path):
     engine, cfg = engine0
     run = tmp_path / "run"

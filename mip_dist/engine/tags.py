@@ -104,12 +104,31 @@ def _quick_load(path: Path) -> Any:
     return safe_torch_load(path, "cpu", training_globals(), mmap=zipfile.is_zipfile(path))
 
 
+_VERIFIED: set[tuple] = set()  # (tag, (name, size, mtime) of every file) that passed verify_tag in this process
+
+
+def _stamp(tag_dir: Path) -> tuple:
+    """What a verification depends on: the tag's files with their sizes and modification times."""
+    return (str(tag_dir.resolve()),
+            tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in tag_dir.iterdir() if f.is_file())))
+
+
 def verify_tag(tag_dir: Path) -> None:
     """Raise a CheckpointError unless the tag is complete and intact: every file it should hold (manifest and
     DeepSpeed's naming) is there at its recorded size and unpickles with weights_only=True. Cheap: tensor
-    data is memory-mapped, not read."""
+    data is memory-mapped, not read; an unchanged tag that passed is not unpickled again in this process
+    (a resume checks it before the process group, when picking the run directory and when loading)."""
     if not (tag_dir / COMPLETE).is_file():
         raise DamagedCheckpointError(f"{tag_dir}: checkpoint is incomplete (no {COMPLETE} marker)")
+    stamp = _stamp(tag_dir)
+    if stamp in _VERIFIED:
+        return
+    _verify_files(tag_dir)
+    _VERIFIED.add(stamp)
+
+
+def _verify_files(tag_dir: Path) -> None:
+    """verify_tag's checks: manifest sizes, DeepSpeed's expected files, every file unpickles."""
     manifest = read_manifest(tag_dir) or {}
     for name, size in manifest.items():
         f = tag_dir / name
