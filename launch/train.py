@@ -21,9 +21,8 @@ from mip_dist.demo.prepare import check_synthetic_targets, needs_synthetic_data,
 from mip_dist.demo.resume import unfinished_demo_run
 from mip_dist.engine.checkpoint import CheckpointError, CheckpointWriteError
 from mip_dist.engine.distributed import init_distributed, shutdown
-from mip_dist.engine.ds_config import load_ds_config
-from mip_dist.engine.run_checks import check_data_for_run
-from mip_dist.engine.run_dir import RunDirError, resolve_run_dir
+from mip_dist.engine.run_checks import check_data_for_run, check_run_inputs
+from mip_dist.engine.run_dir import RunDirError
 from mip_dist.engine.trainer import Trainer, TrainingDiverged
 from mip_dist.eval.report import format_table
 
@@ -36,7 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """--config, --resume, --ablation, --debug, the launcher's --local_rank and key=value overrides."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help=f"YAML run config (default: configs/{DEMO_CONFIG.name}, the demo)")
-    p.add_argument("--resume", metavar="auto|PATH", help="auto: the run's newest checkpoint; PATH: a tag or run dir")
+    p.add_argument("--resume", metavar="auto|PATH", help="auto: the run's newest finished checkpoint, if any; "
+                   "PATH: a checkpoint tag or run dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("--ablation", action="store_true", help="train the baseline ViT, then MIP, and print both "
                    f"(default config: configs/{ABLATION_CONFIG.name})")
@@ -51,21 +51,12 @@ def config_path(arg: str | None, ablation: bool = False) -> Path:
 
 
 def preflight(cfg: Config, world_size: int, resume: str | None) -> None:
-    """Checks without side effects or a process group: DeepSpeed JSON, pretrained file, data (the synthetic set's
-    folders may be written), run directory (every rank checks before any rank can create it: that needs the group)."""
-    load_ds_config(cfg, world_size)
-    pretrained = cfg.model.pretrained
-    if pretrained and not pretrained.startswith("timm:") and not Path(pretrained).is_file():
-        raise ConfigError(f"model.pretrained: no such file {pretrained!r}; download the timm ViT checkpoint there, pass "
-                          "model.pretrained=timm:<name> to let timm download it, or model.pretrained='' to train from scratch")
-    if needs_synthetic_data(cfg.data):
-        check_synthetic_targets(cfg.data)  # made (and its shards checked) after validation, by prepare()
-    else:
-        check_data_for_run(cfg)
-    try:
-        resolve_run_dir(cfg, resume)
-    except (RunDirError, FileNotFoundError, ValueError) as exc:
-        raise ConfigError(str(exc)) from exc
+    """Checks without side effects or a process group (every rank, before any can create the run directory);
+    the demo's synthetic set is only checked here: prepare() makes it."""
+    synthetic = needs_synthetic_data(cfg.data)
+    if synthetic:
+        check_synthetic_targets(cfg.data)
+    check_run_inputs(cfg, world_size, resume, data=not synthetic)
 
 
 def prepare(cfg: Config, world_size: int) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Optional
 
 from mip_dist.config import Config, ConfigError
@@ -9,6 +10,9 @@ from mip_dist.data.shards import ShardError, check_regdb_split
 from mip_dist.data.sources import ResolvedSource, label_space
 from mip_dist.data.stream import DataError
 from mip_dist.eval.protocols import DATASET_PROTOCOLS
+
+from .ds_config import load_ds_config
+from .run_dir import RunDirError, resolve_run_dir
 
 
 def check_data_for_run(cfg: Config, log_to: Optional[logging.Logger] = None) -> tuple[int, int, list[ResolvedSource]]:
@@ -69,3 +73,21 @@ def check_dataset_protocols(cfg: Config, datasets: list[str]) -> None:
         if src.protocol and allowed is not None and src.protocol not in allowed:
             raise ConfigError(f"data.shards[{i}].protocol: {src.protocol} cannot evaluate {dataset} shards "
                               f"({src.path}); use {' or '.join(sorted(allowed))}")
+
+
+def check_run_inputs(cfg: Config, world_size: int, resume: Optional[str], data: bool = True) -> None:
+    """What a run needs before any process group starts, checked without side effects: the DeepSpeed config,
+    the pretrained file, the datasets (unless `data` is False: made later, e.g. the demo's) and the run
+    directory. Every problem is a ConfigError naming the key or file."""
+    load_ds_config(cfg, world_size)
+    pretrained = cfg.model.pretrained
+    if pretrained and not pretrained.startswith("timm:") and not Path(pretrained).is_file():
+        raise ConfigError(f"model.pretrained: no such file {pretrained!r}; download the timm ViT checkpoint there, "
+                          "pass model.pretrained=timm:<name> to let timm download it, or model.pretrained='' to "
+                          "train from scratch")
+    if data:
+        check_data_for_run(cfg)
+    try:
+        resolve_run_dir(cfg, resume)
+    except (RunDirError, FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
