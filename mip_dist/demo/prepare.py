@@ -1,9 +1,10 @@
 """Make the embedded synthetic dataset and its shards on demand, so a fresh clone can train at once.
 
 A run on `data.dataset: synthetic` (one shard folder, no data.train_urls) gets its data here before
-training: local rank 0 writes, the other ranks wait. The demo writes only into folders it owns: data.root must be absent, empty or a tree the synthetic
-generator wrote (its marker file), and data.shards absent, empty or holding synthetic shards. Anything
-else (a real dataset's tree or shards) is refused with a ConfigError before a single file is touched.
+training: local rank 0 writes, the other ranks wait. The demo writes only into folders it owns: data.root
+must be absent, empty or a tree the synthetic generator wrote (its marker file), and data.shards absent,
+empty or holding synthetic shards. Anything else (a real dataset's tree or shards) is refused with a
+ConfigError before a single file is touched.
 """
 from __future__ import annotations
 

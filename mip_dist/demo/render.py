@@ -176,7 +176,8 @@ def _paint_arms(c: _Canvas, idn: Identity, view: View, body: _Body) -> None:
         b = (a[0] + side * 0.02 + length * math.sin(ang) * 0.5, 0.175 + length * math.cos(ang))
         arm, t = _capsule(c.u, c.v, a, b, 0.026 * idn.build)
         c.paint(arm, idn.skin, body.skin_infrared)
-        c.paint(arm & (t < (0.92 if idn.long_sleeves else 0.38)), idn.upper_color, body.upper_infrared, idn.upper_material)
+        sleeve = arm & (t < (0.92 if idn.long_sleeves else 0.38))
+        c.paint(sleeve, idn.upper_color, body.upper_infrared, idn.upper_material)
 
 
 def _paint_torso(c: _Canvas, idn: Identity, view: View, body: _Body) -> None:
