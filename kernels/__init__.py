@@ -112,7 +112,8 @@ def triton_unsupported(q: torch.Tensor) -> Optional[str]:
 
 
 def resolve_impl(impl: str, q: torch.Tensor) -> str:
-    """'triton' or 'torch' for this call: auto = Triton on CUDA (or CPU with TRITON_INTERPRET=1) when supported."""
+    """'triton' or 'torch' for this call: auto = Triton on CUDA when supported; the interpreter (CPU) only when
+    'triton' is asked for."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
     if impl == "torch":
@@ -122,9 +123,11 @@ def resolve_impl(impl: str, q: torch.Tensor) -> str:
         if reason is not None:
             raise ValueError(f"impl='triton' cannot run here: {reason}; use impl='torch' or 'auto'")
         return "triton"
+    if q.device.type != "cuda":  # auto never picks the interpreter: on a CPU it is far slower than PyTorch
+        return "torch"
     if reason is None:
         return "triton"
-    if q.device.type == "cuda" and reason not in _warned:  # falling back on a GPU is worth one warning
+    if reason not in _warned:  # falling back on a GPU is worth one warning
         _warned.add(reason)
         logger.warning("prompt_attention: Triton unsupported for %s; using the PyTorch path", reason)
     return "torch"
@@ -150,8 +153,9 @@ def prompt_attention(
     when M = 1); inst_k, inst_v [B, H, Pi, D] (instance prompts); result [B, H, N, D]. Keys and
     values are the concatenation along the key axis, bank first; scale defaults to D ** -0.5.
 
-    impl: "auto" (Triton on CUDA, or on CPU under TRITON_INTERPRET=1, when dtype/head dim are
-    supported; else PyTorch), "triton" (forced; ValueError if it cannot run), "torch".
+    impl: "auto" (Triton on CUDA when dtype/head dim are supported, else PyTorch; never the interpreter),
+    "triton" (forced, on a CPU through the interpreter under TRITON_INTERPRET=1; ValueError if it cannot
+    run), "torch".
     deterministic: Triton backward without atomics, bit-identical run to run.
     """
     check_inputs(q, k, v, bank_k, bank_v, bank_index, inst_k, inst_v)
