@@ -42,9 +42,7 @@ def kernel_module() -> ModuleType:
 
 def interpreted() -> bool:
     """True when the kernels run under Triton's interpreter in this process (fixed at their import)."""
-    import triton
-
-    return not isinstance(kernel_module()._fwd_kernel, triton.runtime.jit.JITFunction)
+    return not kernel_module()._COMPILED
 
 
 def triton_unavailable_reason(device: torch.device) -> Optional[str]:

@@ -127,15 +127,22 @@ def autotuner(kernel: str, fn: object, candidates: tuple[dict, ...]) -> object:
     return tuner
 
 
+_TUNED_CHOICE: dict[tuple, tuple[object, dict]] = {}  # the autotuned launches' (tuner, kwargs), per call signature
+
+
 def choose(kernel: str, fn: object, dtype: torch.dtype, n: int, s: int, pm: int, pi: int, d: int,
            tune: bool) -> tuple[object, dict]:
     """(what to launch, its kwargs): the autotuner and the untuned kwargs when `tune` and the shape has more
-    than one candidate, else `fn` and the fixed config's kwargs."""
+    than one candidate, else `fn` and the fixed config's kwargs. Runs on every launch, so the tuned choice
+    is cached per call signature (building the tuner's key costs microseconds)."""
     fixed = launch_params(kernel, dtype, n, s, pm, pi, d)
     if not tune:
         return fn, fixed
-    candidates = candidate_params(kernel, dtype, n, s, pm, pi, d)
-    if len(candidates) == 1:
-        return fn, fixed
-    return autotuner(kernel, fn, candidates), {k: v for k, v in fixed.items() if k not in TUNED}
-
+    key = (kernel, id(fn), dtype, n, s, pm, pi, d)
+    found = _TUNED_CHOICE.get(key)
+    if found is None:
+        candidates = candidate_params(kernel, dtype, n, s, pm, pi, d)
+        found = _TUNED_CHOICE[key] = ((fn, fixed) if len(candidates) == 1 else
+                                      (autotuner(kernel, fn, candidates),
+                                       {k: v for k, v in fixed.items() if k not in TUNED}))
+    return found

@@ -67,11 +67,6 @@ def _tune(q: torch.Tensor, deterministic: bool) -> bool:
     return AUTOTUNE and _COMPILED and not deterministic and q.device.type == "cuda"
 
 
-def _launch_params(kernel: str, q: torch.Tensor, n: int, s: int, pm: int, pi: int, d: int) -> dict:
-    """The fixed config's block sizes and compile options of `kernel` for these lengths (cached)."""
-    return launch_params(kernel, q.dtype, n, s, pm, pi, d)
-
-
 _SLOTS: dict[int, int] = {}  # CUDA device index -> persistent programs of the one-pass backward
 
 
@@ -83,8 +78,6 @@ def _slots(device: torch.device) -> int:
     if index not in _SLOTS:
         _SLOTS[index] = torch.cuda.get_device_properties(index).multi_processor_count * FUSED_CTAS_PER_SM
     return _SLOTS[index]
-
-
 
 
 _NO_STRIDES = (0, 0, 0, 0)
@@ -258,11 +251,11 @@ def _launch_backward(do, q, k, v, bk, bv, bidx, ik, iv, lse, o, dq_buf, dk, dv, 
     B, H, S, D = k.shape
     N = q.shape[2]
     sq = _q_strides(q)
-    pq = _launch_params("dq", q, N, S, pm, pi, D)
-    grid_q = (_cdiv(N, pq["BLOCK_M"]), B * H)
+    fixed_q = launch_params("dq", q.dtype, N, S, pm, pi, D)
+    grid_q = (_cdiv(N, fixed_q["BLOCK_M"]), B * H)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     _bwd_delta_kernel[grid_q](o, do, delta, *o.stride(), *do.stride(), H, N,
-                              BLOCK_M=pq["BLOCK_M"], BLOCK_D=D)
+                              BLOCK_M=fixed_q["BLOCK_M"], BLOCK_D=D)
     sdq = _q_strides(dq_buf)
     kv_strides = [s for group in strides for s in group]  # the six K/V groups' strides, in kernel order
     kernel, pq = choose("dq", _bwd_dq_kernel, q.dtype, N, S, pm, pi, D, tune)
@@ -272,7 +265,7 @@ def _launch_backward(do, q, k, v, bk, bv, bidx, ik, iv, lse, o, dq_buf, dk, dv, 
         q, k, v, bk, bv, bidx, ik, iv, do, lse, delta, dq_buf, *sq, *kv_strides, *do.stride(), *sdq,
         H, N, S, pm, pi, scale * LOG2E, scale, ATOMIC=atomic_dq, BANK_SHARED=bank_shared,
         ONE_LOOP=_one_loop_ok(groups, strides), **pq)
-    pk = _launch_params("kv", q, N, S, pm, pi, D)
+    pk = launch_params("kv", q.dtype, N, S, pm, pi, D)
     nb_pm = _cdiv(pm, pk["BLOCK_PM"])
     nb_pi = _cdiv(pi, pk["BLOCK_PI"])
     nb = nb_pm + nb_pi + _cdiv(S, pk["BLOCK_N"])

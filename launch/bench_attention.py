@@ -440,7 +440,6 @@ def measured_copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
-TIMERS = ("do_bench", "cuda graph")  # launches timed one by one (host cost included), and replayed from a graph
 
 
 def _timer(name: str, warmup: int, rep: int) -> Callable:

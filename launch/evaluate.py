@@ -234,7 +234,6 @@ def prepare(args: argparse.Namespace, ckpt: str, shards: Optional[str]) -> Job:
                         "data.shards=/path/to/shards or --shards)")
     index = read_index(cfg.data.shards)
     check_trained_split(blob, index, ckpt, cfg.data.shards)
-    check_counts(blob, index, ckpt, camera_offset, args.cross_dataset)
     return Job(ckpt, blob, cfg, index, camera_offset)
 
 

@@ -26,6 +26,11 @@ def image_key(sample_key: str) -> str:
     return sample_key.split(REPEAT_MARK, 1)[0]
 
 
+def repeat_key(key: str, n: int) -> str:
+    """Shard key of the n-th extra copy (n >= 1) of the image stored under `key`."""
+    return f"{key}{REPEAT_MARK}{n}"
+
+
 @dataclass(frozen=True)
 class Slot:
     """One sample position in the written order: which item, and whether it repeats one written before

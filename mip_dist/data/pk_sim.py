@@ -13,7 +13,7 @@ import numpy as np
 
 from mip_dist.config import DataConfig
 
-from .grouping import REPEAT_MARK, Slot, identity_chunks, image_key
+from .grouping import Slot, identity_chunks, image_key, repeat_key
 from .records import INFRARED, VISIBLE
 from .pk_batch import PKBuffer, PKSource, form_pk_batch
 from .shard_reader import RawSample
@@ -57,7 +57,7 @@ def _samples(order: list[list[Slot]], per_modality: int, shard_samples: int, see
             for slot in shards[s]:
                 label, within = divmod(slot.item, 2 * per_modality)
                 modality = VISIBLE if within < per_modality else INFRARED
-                key = str(slot.item) + (f"{REPEAT_MARK}{slot.repeat}" if slot.repeat else "")
+                key = repeat_key(str(slot.item), slot.repeat) if slot.repeat else str(slot.item)
                 yield RawSample(key, "", "jpg", b"", label, label, 1, modality)
 
 

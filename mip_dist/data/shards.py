@@ -28,12 +28,11 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from mip_dist.data.grouping import REPEAT_MARK, identity_chunks
+from mip_dist.data.grouping import identity_chunks, image_key, repeat_key
 from mip_dist.data.layouts import read_dataset, relative_path
 from mip_dist.data.records import MODALITY_NAMES, Record
 
-from .shard_folder import (FolderContents, ShardsExistError, check_output_folder, inspect_folder,  # noqa: F401
-                           install_folder, sibling)
+from .shard_folder import check_output_folder, inspect_folder, install_folder, sibling  # noqa: F401
 from .shard_index import (INDEX_KEYS, INDEX_NAME, INDEX_VERSION, ShardError, check_regdb_split,  # noqa: F401
                           check_split_keys, check_unique_test_keys, describe_index, read_index, shard_urls)
 from .shard_plan import Item, assign_keys, image_ext, pack_shards, sample_key  # noqa: F401
@@ -208,7 +207,7 @@ def _repeat_of(item: Item, repeat: int) -> Item:
     """The item itself, or its n-th extra copy (padding of an identity chunk) under key `key~n`."""
     if repeat == 0:
         return item
-    return Item(item.src, item.ext, {**item.meta, "key": f"{item.meta['key']}{REPEAT_MARK}{repeat}"})
+    return Item(item.src, item.ext, {**item.meta, "key": repeat_key(item.meta["key"], repeat)})
 
 
 def _identities(items: list[Item]) -> dict[str, list[int]]:
@@ -266,7 +265,7 @@ def _plan_and_write(dataset: str, root: str, out_dir: Path, kept: list[Record], 
     bar.close()
     shards = [{"name": name, "split": split, "count": results[name][1], "sha256": results[name][2],
                "bytes": results[name][3],
-               **({"images": sum(REPEAT_MARK not in it.meta["key"] for it in grp), "identities": _identities(grp)}
+               **({"images": sum(image_key(it.meta["key"]) == it.meta["key"] for it in grp), "identities": _identities(grp)}
                   if split == "train" else {})}
               for split, name, grp in groups]
     return {

@@ -38,7 +38,7 @@ from .transforms import RandomChannel, decode_rgb, one_thread, train_transform
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataError", "TrainStream", "build_train_stream", "build_test_loader", "read_index", "resolve_train_urls"]
+__all__ = ["DataError", "TrainStream", "build_train_stream", "build_test_loader", "read_index"]
 
 
 @dataclass(frozen=True)
@@ -282,12 +282,3 @@ def build_train_stream(data_cfg: DataConfig, *, seed: int, rank: int, world_size
         log.info("datasets (name: weight, identities, cameras): %s", ", ".join(
             f"{s.name}: {s.weight:g}, {s.num_classes}, {s.num_cameras}" for s in sources))
     return TrainStream(spec, data_cfg.workers)
-
-
-def resolve_train_urls(data_cfg: DataConfig) -> tuple[list[str], Optional[dict], dict[str, int]]:
-    """One dataset's train URLs, index (None when none is found) and per-URL image counts; refuses a
-    list of datasets (see sources.resolve_sources)."""
-    sources = resolve_sources(data_cfg)
-    if len(sources) > 1:
-        raise DataError(f"data.shards lists {len(sources)} datasets; resolve them with sources.resolve_sources")
-    return list(sources[0].urls), sources[0].index, sources[0].images

@@ -33,14 +33,17 @@ def to_float32(obj: Any) -> Any:
     return obj
 
 
-def grad_norm(engine: Any, zero_stage: int) -> Any:
-    """Global gradient norm after the step's all-reduce, left on the device: computed here without ZeRO
-    (DeepSpeed reports none there), else the one the ZeRO optimizer computed (a float or a tensor)."""
-    if zero_stage > 0:
-        gn = engine.get_global_grad_norm()
-        return gn if gn is not None else float("nan")
+def grad_norm_stage0(engine: Any) -> Any:
+    """Global L2 norm of the (already all-reduced) gradients, left on the device: DeepSpeed reports none
+    without ZeRO, and it must be taken before the optimizer step."""
     norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else 0.0
+
+
+def grad_norm_zero(engine: Any) -> Any:
+    """The global gradient norm the ZeRO optimizer computed during its step (a float or a tensor)."""
+    gn = engine.get_global_grad_norm()
+    return gn if gn is not None else float("nan")
 
 
 def non_finite_tensors(state: dict) -> list[str]:

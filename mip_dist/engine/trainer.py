@@ -31,8 +31,8 @@ from .metrics_log import MetricsLogger, StepTimer, format_train_record
 from .optim import build_optimizer, build_param_groups, freeze_backbone, set_lr
 from .run_checks import check_data_for_run
 from .run_dir import FINISHED, RunDirError, agree_run_dir, resolve_run_dir
-from .train_utils import (config_diff, grad_norm, lr_mult, main_thread, non_finite_tensors, read_floats,
-                          seed_everything, to_float32)
+from .train_utils import (config_diff, grad_norm_stage0, grad_norm_zero, lr_mult, main_thread,
+                          non_finite_tensors, read_floats, seed_everything, to_float32)
 from .validation import Validator, eval_targets
 from .zero import DictOutput
 
@@ -268,13 +268,13 @@ class Trainer:
         if boundary:
             set_lr(self.optimizer, self.step, self.micro_per_epoch / self.accum, self.cfg.optim)
         self.engine.backward(loss)
-        norm_before_step = grad_norm(self.engine, 0) if boundary and self.cfg.train.zero_stage == 0 else None
+        zero = self.cfg.train.zero_stage > 0
+        norm = grad_norm_stage0(self.engine) if boundary and not zero else None
         self.engine.step()
         self.bad_in_row = 0
         self._accumulate({k: v / self.env.world_size for k, v in zip(names, values[:-2])})
         if boundary:  # kept as a device tensor until the logging step reads the window
-            self._accumulate({"grad_norm": norm_before_step if norm_before_step is not None
-                              else grad_norm(self.engine, self.cfg.train.zero_stage)})
+            self._accumulate({"grad_norm": grad_norm_zero(self.engine) if zero else norm})
         self.timer.add(data_wait, images.shape[0], optimizer_steps=int(boundary))
         return boundary, stop
 

@@ -25,7 +25,6 @@ from .pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
-IMPLS = ATTENTION_IMPLS
 
 
 @dataclass
@@ -164,8 +163,8 @@ class MIP(nn.Module):
 
     @attention_impl.setter
     def attention_impl(self, impl: str) -> None:
-        if impl not in IMPLS:
-            raise ValueError(f"attention.impl: {impl!r} is not one of {', '.join(IMPLS)}")
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention.impl: {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
         if impl != "concat" and self.cfg.attn_drop_rate > 0 and self.num_prompted:
             raise ValueError("model.attn_drop_rate > 0 needs attention.impl=concat: the prompt-attention "
                              "kernel has no attention dropout")
