@@ -1,9 +1,9 @@
 """Train MIP: `python launch/train.py --config C [key=value ...]`, or under `deepspeed` / `accelerate launch`.
 
-Without --config: the embedded demo (configs/demo.yaml), continuing an unfinished demo run. Steps: parse;
-validate without side effects (a bad config fails before any process group); make the synthetic data if
-the run uses it (the demo); train (nccl on GPUs, gloo on CPUs); report. Errors: one `error:` line naming
-the file, key or value, exit code 2 (3 when training diverged); the traceback with --debug or MIP_DEBUG=1.
+Without --config: the embedded demo (configs/demo.yaml), continuing an unfinished demo run. Steps: parse; validate
+without side effects (a bad config fails before any process group); make the synthetic data if the run uses it (the
+demo); train (nccl on GPUs, gloo on CPUs); report. Errors: one `error:` line naming the file, key or value, exit
+code 2 (3 when training diverged); the traceback with --debug or MIP_DEBUG=1.
 """
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ from mip_dist.demo.resume import unfinished_demo_run
 from mip_dist.engine.checkpoint import CheckpointError, CheckpointWriteError
 from mip_dist.engine.distributed import init_distributed, shutdown
 from mip_dist.engine.run_checks import check_data_for_run, check_run_inputs
-from mip_dist.engine.run_dir import RunDirError
-from mip_dist.engine.trainer import Trainer, TrainingDiverged
+from mip_dist.engine.trainer import RunDirError, Trainer, TrainingDiverged
 from mip_dist.eval.report import format_table
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -43,11 +42,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--debug", action="store_true", help="print the traceback of an error (also MIP_DEBUG=1)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=0.02")
     return p.parse_args(argv)
-
-
-def config_path(arg: str | None, ablation: bool = False) -> Path:
-    """The --config file, else the demo's (or the ablation's) config."""
-    return Path(arg) if arg else ABLATION_CONFIG if ablation else DEMO_CONFIG
 
 
 def preflight(cfg: Config, world_size: int, resume: str | None) -> None:
@@ -81,8 +75,8 @@ def train(cfg: Config, args: argparse.Namespace, debug: bool) -> dict:
     else:
         shutdown()
         return summary
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
     os._exit(code)
 
 
@@ -98,11 +92,10 @@ def report(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, validate, prepare, train, report; returns the process exit code."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    debug, rank = debug_requested(args.debug), int(os.getenv("RANK", "0"))
-    world_size = int(os.getenv("WORLD_SIZE", "1"))
+    debug, rank, world_size = debug_requested(args.debug), int(os.getenv("RANK", "0")), int(os.getenv("WORLD_SIZE", 1))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    path = config_path(args.config, args.ablation)
+    path = Path(args.config) if args.config else ABLATION_CONFIG if args.ablation else DEMO_CONFIG
     try:
         if args.ablation:
             print(run_ablation([sys.executable, __file__], str(path), args.overrides))

@@ -127,3 +127,26 @@ def test_collective_timeout_defaults_per_device_and_reaches_the_process_group(mo
     assert seen["timeout"] == timedelta(seconds=17) and seen["dist_backend"] == "gloo"
     # groups DeepSpeed creates later (data parallel) get it too, not torch's 30-minute default
     assert distributed_c10d._get_default_timeout("gloo") == timedelta(seconds=17)
+
+
+COMM_OP_PROBE = textwrap.dedent('''
+    import json
+    import deepspeed.comm.comm as ds_comm
+    from mip_dist.engine.distributed import init_distributed, shutdown
+
+    init_distributed("cpu")
+    print(json.dumps({"shm_op": ds_comm.cdb.shm_comm_op is not None}))
+    shutdown(wait=False)
+''')
+
+
+def test_cpu_ranks_do_not_compile_deepspeeds_inference_comm_op(tmp_path):
+    """The shared-memory op serves only inference_all_reduce; compiling it cost a fresh demo about 40 s."""
+    script = tmp_path / "comm_op_probe.py"
+    script.write_text(COMM_OP_PROBE)
+    env = {k: v for k, v in distributed.os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**env, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"shm_op": False}
+    assert "shm_comm_op built" not in r.stdout + r.stderr

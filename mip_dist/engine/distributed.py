@@ -85,6 +85,17 @@ def _default_group_timeout(timeout: timedelta) -> None:
     distributed_c10d.default_pg_nccl_timeout = timeout
 
 
+def _skip_inference_comm_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory collective op on CPU ranks: only DeepSpeed's
+    `inference_all_reduce` uses it (training's collectives go through torch.distributed), and a fresh
+    machine spends about 40 s of C++ compile on it at the first start, more than the demo's data
+    generation and evaluation together. DeepSpeed keeps one `deepspeed.ops.__compatible_ops__` dict
+    whose edits persist; an op marked incompatible there is never built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(device_preference: str = "auto", local_rank_arg: int = -1,
                      timeout_s: float = 0.0) -> DistEnv:
     """Start the process group through DeepSpeed: nccl on GPUs, gloo on CPUs; collectives time out
@@ -98,9 +109,11 @@ def init_distributed(device_preference: str = "auto", local_rank_arg: int = -1,
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif "OMP_NUM_THREADS" not in os.environ:  # CPU ranks on one host: share the cores, don't oversubscribe
-        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
+    else:
+        _skip_inference_comm_op()
+        if "OMP_NUM_THREADS" not in os.environ:  # CPU ranks on one host: share the cores, don't oversubscribe
+            local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
     if not dist.is_initialized():
         timeout = collective_timeout(timeout_s, device)
         _default_group_timeout(timeout)
