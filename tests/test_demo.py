@@ -105,3 +105,17 @@ def test_core_packages_do_not_import_the_demo():
     users = [str(p.relative_to(REPO)) for p in core
              if re.search(r"^\s*(from|import)\s+(mip_dist\.demo|\.+demo)\b", p.read_text(), re.MULTILINE)]
     assert core and not users, f"the core imports the demo: {users}"
+
+
+def test_demo_benchmark_times_variants_side_by_side():
+    """launch/bench_demo.py: one line per variant, img/s, the ratio to the first, the schedule's length."""
+    r = subprocess.run([sys.executable, "launch/bench_demo.py", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                        "--threads", "1", "--variant", "base", "--variant", "short: train.epochs=2 data.batch_size=8"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    lines = [line for line in r.stdout.splitlines() if "img/s" in line]
+    assert len(lines) == 2 and "x1.00 vs base" in lines[0], r.stdout
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    images = demo.data.synthetic_ids * 6 * demo.data.synthetic_images_per_camera
+    assert f"{demo.train.epochs * (images // demo.data.batch_size)} steps of {demo.data.batch_size}" in lines[0]
+    assert f"{2 * (images // 8)} steps of 8" in lines[1]

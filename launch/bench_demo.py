@@ -1,0 +1,115 @@
+"""Benchmark: the demo's training cost, variants side by side, optionally as on a CPU without AVX-512.
+
+Each variant is configs/demo.yaml plus key=value overrides (`--variant "name: k=v k=v"`, repeatable; the
+first variant is the base). One training step = forward + MIP loss + backward + AdamW on a batch of
+`data.batch_size` random images, the demo's model and thread count. The variants are timed in turns,
+round after round, in one process; printed: img/s (best round), its ratio to the base's, the step count of
+the variant's schedule and its projected training time at that rate.
+
+`--isa avx2` re-runs this script with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and
+MKL_ENABLE_INSTRUCTIONS=AVX2, so PyTorch, oneDNN and MKL use 256-bit vectors as on a CPU without
+AVX-512 (the demo's time promise is for such a 2-core CPU).
+
+    python launch/bench_demo.py --isa avx2 --variant "before: model.stem_strides=[2,2,1,2,1,2] ..."
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mip_dist.config import Config, load_config
+from mip_dist.losses import MIPLoss
+from mip_dist.model import build_model
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'name: k=v k=v' -> (name, overrides); a bare 'name' has no overrides."""
+    name, _, rest = text.partition(":")
+    return name.strip(), shlex.split(rest)
+
+
+def steps_of(cfg: Config) -> int:
+    """Optimizer steps of the configured schedule (the synthetic set's train images, PK batches)."""
+    images = cfg.data.synthetic_ids * 6 * cfg.data.synthetic_images_per_camera  # SYSU layout: 6 cameras
+    return cfg.train.epochs * (images // cfg.data.batch_size)
+
+
+class Step:
+    """One variant's model, loss, optimizer and batch; calling it runs one timed training step."""
+
+    def __init__(self, cfg: Config) -> None:
+        torch.manual_seed(0)
+        self.model = build_model(cfg.model, cfg.attention, num_classes=cfg.data.synthetic_ids, num_cameras=6)
+        self.criterion = MIPLoss(cfg.loss)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr)
+        b, k = cfg.data.batch_size, cfg.data.num_instances
+        self.images = torch.randn(b, 3, *cfg.model.img_size)
+        self.pids = torch.arange(b) // (2 * k)
+        self.modality = (torch.arange(b) // k) % 2
+        self.camera = torch.where(self.modality == 0, 0, 2)
+
+    def __call__(self) -> float:
+        """Seconds of one forward + loss + backward + AdamW step."""
+        t0 = time.perf_counter()
+        loss, _ = self.criterion(self.model(self.images, self.modality, self.camera), self.pids, self.modality,
+                                 epoch=1000)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return time.perf_counter() - t0
+
+
+def bench(variants: list[tuple[str, list[str]]], rounds: int, steps: int, warmup: int) -> None:
+    """Time the variants in turns; print img/s, ratios and projected training times."""
+    cfgs = {name: load_config(DEMO_CONFIG, ov) for name, ov in variants}
+    runs = {name: Step(cfg) for name, cfg in cfgs.items()}
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    best = {name: float("inf") for name in runs}
+    for r in range(rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            best[name] = min(best[name], sum(runs[name]() for _ in range(steps)) / steps)
+    isa = os.environ.get("ATEN_CPU_CAPABILITY", "default")
+    print(f"demo training step, {torch.get_num_threads()} threads, ATen ISA {isa}, best of {rounds} rounds "
+          f"x {steps} steps")
+    base = variants[0][0]
+    for name, _ in variants:
+        cfg = cfgs[name]
+        img_s = cfg.data.batch_size / best[name]
+        total = steps_of(cfg) * best[name]
+        base_img_s = cfgs[base].data.batch_size / best[base]
+        print(f"  {name:>12}: {img_s:7.1f} img/s  x{img_s / base_img_s:.2f} vs {base}  "
+              f"{steps_of(cfg)} steps of {cfg.data.batch_size} -> {total / 60:5.1f} min of training")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", action="append", default=[], help="'name: key=value ...' (repeatable; "
+                    "the first is the base; default: the demo alone)")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores, like the demo)")
+    ap.add_argument("--isa", choices=["default", "avx2"], default="default", help="avx2: run as on a CPU "
+                    "without AVX-512 (re-executes this script with the ISA variables set)")
+    args = ap.parse_args()
+    if args.isa == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
+        sys.exit(subprocess.run([sys.executable, __file__, *sys.argv[1:]], env={**os.environ, **AVX2_ENV}).returncode)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    variants = [parse_variant(v) for v in args.variant] or [("demo", [])]
+    bench(variants, args.rounds, args.steps, args.warmup)
+
+
+if __name__ == "__main__":
+    main()
