@@ -35,9 +35,11 @@ def to_float32(obj: Any) -> Any:
 
 def grad_norm_stage0(engine: Any) -> Any:
     """Global L2 norm of the (already all-reduced) gradients, left on the device: DeepSpeed reports none
-    without ZeRO, and it must be taken before the optimizer step."""
-    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else 0.0
+    without ZeRO, and it must be taken before the optimizer step; one foreach norm over all tensors."""
+    grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
 
 
 def grad_norm_zero(engine: Any) -> Any:
