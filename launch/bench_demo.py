@@ -1,10 +1,11 @@
 """Benchmark: the demo's training cost, variants side by side, optionally as on a CPU without AVX-512.
 
 Each variant is configs/demo.yaml plus key=value overrides (`--variant "name: k=v k=v"`, repeatable; the
-first variant is the base). One training step = forward + MIP loss + backward + AdamW on a batch of
-`data.batch_size` random images, the demo's model and thread count. The variants are timed in turns,
-round after round, in one process; printed: img/s (best round), its ratio to the base's, the step count of
-the variant's schedule and its projected training time at that rate.
+first variant is the base). One training step = forward + MIP loss + backward + the trainer's optimizer
+step on a batch of `data.batch_size` random images, the demo's model and thread count. The variants are
+timed in turns, round after round, in one process; printed: img/s (best round), its ratio to the base's,
+the step count of the variant's schedule, its projected training time at that rate and that time as a
+fraction of the base's.
 
 `--isa avx2` re-runs this script with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and
 MKL_ENABLE_INSTRUCTIONS=AVX2, so PyTorch, oneDNN and MKL use 256-bit vectors as on a CPU without
@@ -25,8 +26,9 @@ from pathlib import Path
 import torch
 
 from mip_dist.config import Config, load_config
+from mip_dist.engine.optim import build_optimizer, build_param_groups
 from mip_dist.losses import MIPLoss
-from mip_dist.model import build_model
+from mip_dist.model import build_model, param_category
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
@@ -51,7 +53,8 @@ class Step:
         torch.manual_seed(0)
         self.model = build_model(cfg.model, cfg.attention, num_classes=cfg.data.synthetic_ids, num_cameras=6)
         self.criterion = MIPLoss(cfg.loss)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr)
+        self.optimizer = build_optimizer(build_param_groups(self.model.named_parameters(), cfg.optim, param_category),
+                                         cfg.optim)  # the trainer's optimizer and parameter groups
         b, k = cfg.data.batch_size, cfg.data.num_instances
         self.images = torch.randn(b, 3, *cfg.model.img_size)
         self.pids = torch.arange(b) // (2 * k)
@@ -90,7 +93,8 @@ def bench(variants: list[tuple[str, list[str]]], rounds: int, steps: int, warmup
         total = steps_of(cfg) * best[name]
         base_img_s = cfgs[base].data.batch_size / best[base]
         print(f"  {name:>12}: {img_s:7.1f} img/s  x{img_s / base_img_s:.2f} vs {base}  "
-              f"{steps_of(cfg)} steps of {cfg.data.batch_size} -> {total / 60:5.1f} min of training")
+              f"{steps_of(cfg)} steps of {cfg.data.batch_size} -> {total / 60:5.1f} min of training "
+              f"({total / (steps_of(cfgs[base]) * best[base]):.2f} of {base}'s)")
 
 
 def main() -> None:

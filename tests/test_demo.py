@@ -27,6 +27,7 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
                        capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "preparing the synthetic visible-infrared set" in r.stderr  # logged by rank 0
+    assert re.search(r"measured [\d.]+ img/s over the first 30 steps: about [\d.]+ min for the", r.stderr)
     assert "all_single" in r.stdout and "indoor_single" in r.stdout  # the printed results table
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     for name in ("config.yaml", "metrics.jsonl", "results.json", "loss.png", "cmc.png", "model_final.pt", "FINISHED"):

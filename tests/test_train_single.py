@@ -143,7 +143,8 @@ PROBE = textwrap.dedent('''
         trainer.fit()
     except TrainingDiverged as exc:
         result["error"] = str(exc)
-    result.update(step=trainer.step, bad_total=trainer.bad_total, batches=len(calls))
+    result.update(step=trainer.step, bad_total=trainer.bad_total, batches=len(calls),
+                  backward_allreduce=trainer.engine.enable_backward_allreduce)
     live = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
     tag = trainer.checkpointer.dir / f"step{trainer.step:08d}"
     saved = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
@@ -190,6 +191,11 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run(probe):
     recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in recs] == ["train", "train", "abort"] and recs[-1]["bad_steps_total"] == 4
     assert "non-finite loss at step 1 (epoch 0): batch skipped (1 in a row, 1 total)" in log
+
+
+def test_one_rank_without_zero_skips_the_gradient_all_reduce(probe):
+    result, _, _ = probe  # a no-op on one rank; two-rank runs (test_train_distributed) still average gradients
+    assert result["backward_allreduce"] is False
 
 
 def test_checkpoint_round_trip_is_exact(probe):
