@@ -440,8 +440,6 @@ def measured_copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
-
-
 def _timer(name: str, warmup: int, rep: int) -> Callable:
     """bench(fn, grad_to_none) -> median ms: triton's do_bench, or do_bench_cudagraph (one graph of unrolled
     calls, so the host's launch cost drops out and what is left is the GPU time)."""

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from mip_dist.config import Config, load_config
+from mip_dist.demo.people import SYSU_STYLES
 from mip_dist.engine.optim import build_optimizer, build_param_groups
 from mip_dist.losses import MIPLoss
 from mip_dist.model import build_model, param_category
@@ -42,7 +43,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 def steps_of(cfg: Config) -> int:
     """Optimizer steps of the configured schedule (the synthetic set's train images, PK batches)."""
-    images = cfg.data.synthetic_ids * 6 * cfg.data.synthetic_images_per_camera  # SYSU layout: 6 cameras
+    images = cfg.data.synthetic_ids * len(SYSU_STYLES) * cfg.data.synthetic_images_per_camera
     return cfg.train.epochs * (images // cfg.data.batch_size)
 
 
@@ -51,7 +52,8 @@ class Step:
 
     def __init__(self, cfg: Config) -> None:
         torch.manual_seed(0)
-        self.model = build_model(cfg.model, cfg.attention, num_classes=cfg.data.synthetic_ids, num_cameras=6)
+        self.model = build_model(cfg.model, cfg.attention, num_classes=cfg.data.synthetic_ids,
+                                 num_cameras=len(SYSU_STYLES))
         self.criterion = MIPLoss(cfg.loss)
         self.optimizer = build_optimizer(build_param_groups(self.model.named_parameters(), cfg.optim, param_category),
                                          cfg.optim)  # the trainer's optimizer and parameter groups

@@ -12,6 +12,7 @@ import pytest
 
 from mip_dist.config import load_config
 from mip_dist.demo.ablation import AblationError, run_ablation
+from mip_dist.demo.people import SYSU_STYLES
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_IDS = 8  # chance Rank-1 = 1/8; 2,025 steps of the demo's model reach about 3x that (35% measured)
@@ -117,6 +118,6 @@ def test_demo_benchmark_times_variants_side_by_side():
     lines = [line for line in r.stdout.splitlines() if "img/s" in line]
     assert len(lines) == 2 and "x1.00 vs base" in lines[0], r.stdout
     demo = load_config(REPO / "configs" / "demo.yaml")
-    images = demo.data.synthetic_ids * 6 * demo.data.synthetic_images_per_camera
+    images = demo.data.synthetic_ids * len(SYSU_STYLES) * demo.data.synthetic_images_per_camera
     assert f"{demo.train.epochs * (images // demo.data.batch_size)} steps of {demo.data.batch_size}" in lines[0]
     assert f"{2 * (images // 8)} steps of 8" in lines[1]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from mip_dist.config import load_config
+
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
 
@@ -50,12 +52,8 @@ def test_every_flag_is_accepted(cmd):
         if arg.startswith("--"):
             assert arg.split("=")[0] in helptext.stdout, f"{script} has no option {arg}"
         elif ": " in arg:  # bench_demo.py's "name: key=value ..." variant: its overrides are real config keys
-            from mip_dist.config import load_config
-
             load_config(None, shlex.split(arg.split(":", 1)[1]))
         elif "=" in arg and not arg.startswith("-"):  # key=value override: must be a real config key
-            from mip_dist.config import load_config
-
             load_config(None, [arg if arg.split("=")[0] != "model.pretrained" else "model.pretrained=x.pth"])
 
 

@@ -210,6 +210,12 @@ def _repeat_of(item: Item, repeat: int) -> Item:
     return Item(item.src, item.ext, {**item.meta, "key": repeat_key(item.meta["key"], repeat)})
 
 
+def _train_counts(items: list[Item]) -> dict:
+    """index.json's counts for a train shard: distinct images (not chunk-padding copies) and identities."""
+    return {"images": sum(image_key(it.meta["key"]) == it.meta["key"] for it in items),
+            "identities": _identities(items)}
+
+
 def _identities(items: list[Item]) -> dict[str, list[int]]:
     """Per training label in a shard: [infrared, visible] sample counts (what a reader can plan with)."""
     counts: dict[str, list[int]] = {}
@@ -265,8 +271,7 @@ def _plan_and_write(dataset: str, root: str, out_dir: Path, kept: list[Record], 
     bar.close()
     shards = [{"name": name, "split": split, "count": results[name][1], "sha256": results[name][2],
                "bytes": results[name][3],
-               **({"images": sum(image_key(it.meta["key"]) == it.meta["key"] for it in grp), "identities": _identities(grp)}
-                  if split == "train" else {})}
+               **(_train_counts(grp) if split == "train" else {})}
               for split, name, grp in groups]
     return {
         "version": INDEX_VERSION, "dataset": dataset, "regdb_split": params["regdb_split"],

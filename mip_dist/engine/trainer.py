@@ -39,8 +39,9 @@ from .zero import DictOutput
 __all__ = ["FINISHED", "RunDirError", "Trainer", "TrainingDiverged", "resolve_run_dir"]
 
 log = logging.getLogger(__name__)
-THROUGHPUT_PROBE_STEPS = 30  # steps after which the measured img/s and the ETA are announced once (the first
-# ~10 steps run about 20% slower while oneDNN and the allocator warm up: a 10-step ETA overstated the demo's by 30%)
+# Steps after which the measured img/s and the ETA are announced once: the first ~10 steps run about 20% slower
+# while oneDNN and the allocator warm up, and a 10-step ETA overstated the demo's by 30%.
+THROUGHPUT_PROBE_STEPS = 30
 
 
 class TrainingDiverged(RuntimeError):
