@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import same_batches, take_batches
 
-from mip_dist.config import DataConfig
+from mip_dist.config import ConfigError, DataConfig
 from mip_dist.data.grouping import image_key
 from mip_dist.data.records import INFRARED, VISIBLE
 from mip_dist.data.shards import read_index, shard_urls, write_shards
@@ -324,3 +324,77 @@ def test_channel_augmentation_option(shards):
     stream = build_train_stream(cfg(shards, channel_aug=True, steps_per_epoch=2), seed=0, rank=0, world_size=1)
     for batch in stream:
         check_pk_batch(batch, 12)
+
+
+def _epochs(stream, n: int) -> list:
+    """All batches of epochs 0..n-1."""
+    out = []
+    for epoch in range(n):
+        stream.set_epoch(epoch)
+        out += take_batches(stream)
+    return out
+
+
+def test_sample_cache_gives_the_same_batches_and_reads_each_shard_and_image_once(shards, monkeypatch):
+    import mip_dist.data.shard_reader as reader
+    import mip_dist.data.stream as stream_module
+    reads, decodes = collections.Counter(), collections.Counter()
+    real_iter, real_decode = reader.iter_shard_samples, stream_module.decode_rgb
+
+    def counting_iter(url, *args, **kwargs):
+        reads[url] += 1
+        return real_iter(url, *args, **kwargs)
+
+    def counting_decode(data, ext="jpg"):
+        decodes[data] += 1
+        return real_decode(data, ext)
+
+    monkeypatch.setattr(reader, "iter_shard_samples", counting_iter)
+    monkeypatch.setattr(stream_module, "decode_rgb", counting_decode)
+    plain = _epochs(build_train_stream(cfg(shards), seed=4, rank=0, world_size=1), 3)
+    samples = sum(s["count"] for s in read_index(str(shards))["shards"] if s["split"] == "train")
+    assert sum(reads.values()) >= 3 * len(reads) and sum(decodes.values()) > 2 * samples  # every epoch again
+    reads.clear(), decodes.clear()
+    cached = build_train_stream(cfg(shards, cache_mb=64), seed=4, rank=0, world_size=1)
+    assert same_batches(_epochs(cached, 3), plain)  # a cached image is never changed by the transforms
+    # each shard once, plus the shard an epoch ended in (kept only once read to its end); each image once
+    assert sum(reads.values()) <= len(reads) + 3 and sum(decodes.values()) <= samples
+    assert 0 < cached.cache.used_bytes <= 64 << 20
+
+
+def test_sample_cache_keeps_no_shard_with_errors_and_stops_at_its_budget(shards, tmp_path, caplog):
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    name = next(s["name"] for s in read_index(str(bad))["shards"] if s["split"] == "train")
+    _rewrite_tar(bad / name, corrupt_every=3)
+    index = json.loads((bad / "index.json").read_text())
+    next(s for s in index["shards"] if s["name"] == name)["bytes"] = (bad / name).stat().st_size
+    (bad / "index.json").write_text(json.dumps(index))
+    errors = {}
+    for mb in (0, 64):
+        stream = build_train_stream(cfg(bad, max_error_rate=0.5, cache_mb=mb), seed=0, rank=0, world_size=1)
+        _epochs(stream, 3)
+        errors[mb] = stream.error_count
+    assert errors[64] == errors[0] > 0  # its bad samples are met, and counted, on every pass as before
+    assert str(bad / name) not in stream.cache._shards
+
+    tiny = build_train_stream(cfg(shards, cache_mb=1), seed=0, rank=0, world_size=1)
+    tiny.cache.budget_bytes = 200_000  # a few dozen 64x32 images
+    with caplog.at_level(logging.INFO, logger="mip_dist.data.sample_cache"):
+        _epochs(tiny, 2)
+    assert 0 < tiny.cache.used_bytes <= 200_000
+    assert caplog.text.count("is full") == 1
+
+
+def test_sample_cache_needs_in_process_loading():
+    with pytest.raises(ConfigError, match=r"data\.cache_mb.*needs data\.workers=0 \(got 2\)"):
+        DataConfig(cache_mb=64, workers=2).validate()
+
+
+def test_batches_reseed_only_the_cpu_generator(shards, monkeypatch):
+    """torch.manual_seed would also reseed the GPU generators, which the batch's fork_rng(devices=[]) does not
+    restore: every batch would reset the training process's dropout RNG on a GPU (with data.workers=0)."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    take_batches(build_train_stream(cfg(shards), seed=0, rank=0, world_size=1), 2)
+    assert reseeded == []

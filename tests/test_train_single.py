@@ -138,13 +138,23 @@ PROBE = textwrap.dedent('''
         return (total * float("nan"), parts) if calls[-1] in (2, 4, 5, 6) else (total, parts)
 
     trainer.loss_fn = loss_fn
+    real_step, pre_step_norms, ds_clips = trainer.engine.step, [], []
+
+    def step():  # the gradients the optimizer is about to apply (DeepSpeed clips inside its step, if it clips)
+        grads = [p.grad for p in trainer.engine.module.parameters() if p.grad is not None]
+        pre_step_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return real_step()
+
+    trainer.engine.step = step
+    trainer.engine.clip_fp32_gradients = lambda: ds_clips.append(1)
     result = {}
     try:
         trainer.fit()
     except TrainingDiverged as exc:
         result["error"] = str(exc)
     result.update(step=trainer.step, bad_total=trainer.bad_total, batches=len(calls),
-                  backward_allreduce=trainer.engine.enable_backward_allreduce)
+                  backward_allreduce=trainer.engine.enable_backward_allreduce, pre_step_norms=pre_step_norms,
+                  deepspeed_clips=len(ds_clips))
     live = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
     tag = trainer.checkpointer.dir / f"step{trainer.step:08d}"
     saved = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
@@ -168,13 +178,16 @@ PROBE = textwrap.dedent('''
 ''')
 
 
+PROBE_CLIP = 0.001  # far below the tiny model's gradient norm: every step clips
+
+
 @pytest.fixture(scope="module")
 def probe(setup):
     root, base = setup
     script = root / "probe.py"
     script.write_text(PROBE)
     out = root / "probe.json"
-    args = base + ["train.max_bad_steps=2", "train.run_name=nan"]
+    args = base + ["train.max_bad_steps=2", "train.run_name=nan", f"optim.grad_clip={PROBE_CLIP}"]
     r = subprocess.run([sys.executable, str(script), json.dumps(args), str(out)], cwd=REPO, env=_env(),
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -196,6 +209,14 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run(probe):
 def test_one_rank_without_zero_skips_the_gradient_all_reduce(probe):
     result, _, _ = probe  # a no-op on one rank; two-rank runs (test_train_distributed) still average gradients
     assert result["backward_allreduce"] is False
+
+
+def test_fp32_without_zero_clips_once_in_the_trainer_with_the_logged_norm(probe):
+    result, run_dir, _ = probe  # DeepSpeed's own fp32 clipping would take the same norm again, looped
+    assert result["deepspeed_clips"] == 0 and len(result["pre_step_norms"]) == 2
+    assert all(n <= PROBE_CLIP * 1.0001 for n in result["pre_step_norms"]), result["pre_step_norms"]
+    logged = [json.loads(l)["grad_norm"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()[:2]]
+    assert all(n > 100 * PROBE_CLIP for n in logged)  # the norm before clipping, as DeepSpeed reports under ZeRO
 
 
 def test_checkpoint_round_trip_is_exact(probe):

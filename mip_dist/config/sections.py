@@ -143,6 +143,7 @@ class DataConfig:
     img_size: tuple[int, int] = (256, 128)
     workers: int = 2
     buffer_size: int = 2000
+    cache_mb: int = 0  # > 0 (needs workers: 0): keep read shards and decoded images in memory, up to this many MiB
     resampled: bool = False
     steps_per_epoch: int = 0  # 0 = derived from the train sample count and world size
     channel_aug: bool = False
@@ -179,6 +180,10 @@ class DataConfig:
              f"K=data.num_instances={self.num_instances}; use a multiple of {2 * self.num_instances}")
         need(self.num_identities >= 2, "data.batch_size", "needs at least 2 identities per batch for the triplet loss")
         need(self.workers >= 0, "data.workers", "must be >= 0")
+        need(self.cache_mb >= 0, "data.cache_mb", "must be >= 0 (0 disables the in-memory sample cache)")
+        need(self.cache_mb == 0 or self.workers == 0, "data.cache_mb",
+             f"{self.cache_mb} needs data.workers=0 (got {self.workers}): the cache lives in the reading process, "
+             "and DataLoader workers start afresh every epoch")
         need(0.0 <= self.max_error_rate <= 1.0, "data.max_error_rate", "must be in [0, 1]")
         need(1 <= self.regdb_split <= 10, "data.regdb_split", f"{self.regdb_split} must be in 1..10")
         need(self.steps_per_epoch >= 0, "data.steps_per_epoch", "must be >= 0")

@@ -14,7 +14,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 from urllib.parse import urlparse
 
 import numpy as np
@@ -22,6 +22,9 @@ import webdataset as wds
 
 from .records import INFRARED, VISIBLE
 from .transforms import IMAGE_EXTS
+
+if TYPE_CHECKING:
+    from .sample_cache import SampleCache
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +159,16 @@ class SlotSource:
     """Endless samples of one slot: pass after pass of its shards; an empty pass is an error.
 
     label_offset / camera_offset move one dataset's labels and cameras into a run's shared label and
-    camera spaces when several datasets train together (0 for a single dataset)."""
+    camera spaces when several datasets train together (0 for a single dataset). With a cache, a shard
+    read completely without errors is replayed from memory on later passes and epochs."""
 
     def __init__(self, urls: list[str], counter: ErrorCounter, *, seed: int, epoch: int, rank: int,
                  world_size: int, worker: int, num_workers: int, resampled: bool,
-                 sizes: Optional[dict[str, int]] = None, label_offset: int = 0, camera_offset: int = 0) -> None:
+                 sizes: Optional[dict[str, int]] = None, label_offset: int = 0, camera_offset: int = 0,
+                 cache: Optional[SampleCache] = None) -> None:
         self.urls = urls
         self.counter = counter
+        self.cache = cache
         self.sizes = sizes or {}
         self.label_offset, self.camera_offset = label_offset, camera_offset
         self.kw = dict(seed=seed, epoch=epoch, rank=rank, world_size=world_size, worker=worker,
@@ -176,7 +182,7 @@ class SlotSource:
             got = 0
             shift = self.label_offset or self.camera_offset
             for url in shards:
-                for sample in iter_shard_samples(url, self.counter, self.sizes.get(url)):
+                for sample in self._shard_samples(url):
                     got += 1
                     yield (replace(sample, label=sample.label + self.label_offset,
                                    camera=sample.camera + self.camera_offset) if shift else sample)
@@ -184,6 +190,22 @@ class SlotSource:
             if got == 0:
                 raise DataError(f"{self.counter.where}: no readable samples in shards {shards[:4]}"
                                 f"{' ...' if len(shards) > 4 else ''}")
+
+    def _shard_samples(self, url: str) -> Iterator[RawSample]:
+        """One shard's samples: from the cache if it holds them, else read (and kept if read cleanly)."""
+        cached = self.cache.shard(url) if self.cache is not None else None
+        if cached is not None:
+            for sample in cached:
+                self.counter.seen += 1  # as a read would count them
+                yield sample
+            return
+        errors_before, read = self.counter.errors, []
+        for sample in iter_shard_samples(url, self.counter, self.sizes.get(url)):
+            if self.cache is not None:
+                read.append(sample)
+            yield sample
+        if self.cache is not None and self.counter.errors == errors_before:
+            self.cache.keep_shard(url, read)
 
     def __next__(self) -> RawSample:
         return next(self._it)

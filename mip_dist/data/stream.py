@@ -15,6 +15,8 @@ so webdataset's own splitters, which refuse world_size > 1 unless set explicitly
   restored stream regenerates the epoch and skips the consumed batches without augmenting them.
 - Corrupt images, bad metadata and truncated or missing shards are logged (shard, key), counted and
   skipped; past `data.max_error_rate` the worker raises `DataError`, which ends the run.
+- With `data.cache_mb` (in-process loading only) shards read cleanly and decoded images stay in memory
+  across passes and epochs (sample_cache.py): the same batches, without re-parsing tars and re-decoding.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from mip_dist.config import DataConfig
 from .eval_loader import LOADER_TIMEOUT_S, build_test_loader  # noqa: F401  (callers import it from here)
 from .pk_batch import PKBuffer, PKSource, allot_identities, form_pk_batch
 from .records import VISIBLE
+from .sample_cache import SampleCache
 from .shard_index import read_index  # noqa: F401  (callers import it from here)
 from .shard_reader import DataError, ErrorCounter, RawSample, SlotSource, mix_seed
 from .sources import ResolvedSource, resolve_sources
@@ -84,9 +87,9 @@ def worker_skip(position: int, worker: int, num_workers: int) -> int:
 class _EpochShare(IterableDataset):
     """One epoch of PK batches for the calling DataLoader worker, starting at a stream position."""
 
-    def __init__(self, spec: _StreamSpec, epoch: int, position: int) -> None:
+    def __init__(self, spec: _StreamSpec, epoch: int, position: int, cache: Optional[SampleCache] = None) -> None:
         super().__init__()
-        self.spec, self.epoch, self.position = spec, epoch, position
+        self.spec, self.epoch, self.position, self.cache = spec, epoch, position, cache
 
     def __iter__(self) -> Iterator[dict]:
         sp = self.spec
@@ -104,12 +107,15 @@ class _EpochShare(IterableDataset):
         tf = train_transform(sp.img_size, sp.augment)
         channel = RandomChannel(0.5) if sp.channel_aug else None
 
-        def decode(s: RawSample) -> Optional[torch.Tensor]:
+        def read_image(s: RawSample) -> Optional[torch.Tensor]:
             try:
                 return decode_rgb(s.data, s.ext)
             except Exception as exc:  # corrupt bytes: many exception types
                 counter.record("decode", s.url, s.key, exc)
                 return None
+
+        def decode(s: RawSample) -> Optional[torch.Tensor]:
+            return read_image(s) if self.cache is None else self.cache.image(s, read_image)
 
         skip = worker_skip(self.position, w, nw)
         for j in range(worker_share(sp.steps_per_epoch, w, nw)):
@@ -118,7 +124,8 @@ class _EpochShare(IterableDataset):
             if j < skip:
                 continue  # consumed before the checkpoint: same selection, no augmentation
             with torch.random.fork_rng(devices=[]), one_thread():  # own RNG per batch; caller's untouched
-                torch.manual_seed(mix_seed(sp.seed, self.epoch, sp.rank, w, j, 2))
+                torch.default_generator.manual_seed(mix_seed(sp.seed, self.epoch, sp.rank, w, j, 2))  # CPU only:
+                # torch.manual_seed would also reseed the GPU generators, which fork_rng(devices=[]) does not restore
                 images = []
                 for s, img in pairs:
                     if channel is not None and s.modality == VISIBLE:
@@ -142,7 +149,7 @@ class _EpochShare(IterableDataset):
         reader = SlotSource(list(src.urls), counter, seed=mix_seed(sp.seed, i) if i else sp.seed, epoch=self.epoch,
                             rank=sp.rank, world_size=sp.world_size, worker=worker, num_workers=num_workers,
                             resampled=sp.resampled, sizes=dict(src.shard_bytes), label_offset=src.label_offset,
-                            camera_offset=src.camera_offset)
+                            camera_offset=src.camera_offset, cache=self.cache)
         buf = PKBuffer(sp.buffer_size, np.random.default_rng(mix_seed(sp.seed, self.epoch, sp.rank, worker, 1, *extra)))
         return PKSource(reader, buf, lambda: reader.passes, src.max_identities)
 
@@ -158,9 +165,10 @@ class TrainStream:
     a bad sample).
     """
 
-    def __init__(self, spec: _StreamSpec, workers: int) -> None:
+    def __init__(self, spec: _StreamSpec, workers: int, cache_bytes: int = 0) -> None:
         self.spec = spec
         self.workers = workers
+        self.cache = SampleCache(cache_bytes) if cache_bytes else None  # workers=0 only (config.validate)
         self.steps_per_epoch = spec.steps_per_epoch
         self.epoch = 0
         self.position = 0  # batches of self.epoch already handed out
@@ -180,7 +188,7 @@ class TrainStream:
         epoch = self.epoch
         if self.position >= self.steps_per_epoch:
             return
-        dataset = _EpochShare(self.spec, epoch, self.position)
+        dataset = _EpochShare(self.spec, epoch, self.position, self.cache)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.workers,
                             timeout=LOADER_TIMEOUT_S if self.workers > 0 else 0,
                             pin_memory=torch.cuda.is_available(),
@@ -281,4 +289,4 @@ def build_train_stream(data_cfg: DataConfig, *, seed: int, rank: int, world_size
     if len(sources) > 1:
         log.info("datasets (name: weight, identities, cameras): %s", ", ".join(
             f"{s.name}: {s.weight:g}, {s.num_classes}, {s.num_cameras}" for s in sources))
-    return TrainStream(spec, data_cfg.workers)
+    return TrainStream(spec, data_cfg.workers, cache_bytes=data_cfg.cache_mb << 20)

@@ -33,12 +33,22 @@ def to_float32(obj: Any) -> Any:
     return obj
 
 
-def grad_norm_stage0(engine: Any) -> Any:
-    """Global L2 norm of the (already all-reduced) gradients, left on the device: DeepSpeed reports none
-    without ZeRO, and it must be taken before the optimizer step; one foreach norm over all tensors."""
-    grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
+def clips_in_trainer(precision: str, zero_stage: int) -> bool:
+    """fp32 without ZeRO: the trainer clips (the norm it logs is the one it clips with). DeepSpeed would take
+    the same norm again in a Python loop over the parameters; in bf16/fp16 or under ZeRO its optimizer clips."""
+    return precision == "fp32" and zero_stage == 0
+
+
+def grad_norm_stage0(engine: Any, max_norm: float = 0.0) -> Any:
+    """Global L2 norm of the (already all-reduced) gradients, left on the device, taken before the optimizer
+    step (DeepSpeed reports none without ZeRO): one foreach norm; with max_norm > 0 the gradients are also
+    clipped to it (torch's clip_grad_norm_, which returns the norm before clipping)."""
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    if not params:
         return 0.0
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    grads = [p.grad.detach() for p in params]
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
 
 

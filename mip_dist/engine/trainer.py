@@ -31,7 +31,7 @@ from .metrics_log import MetricsLogger, StepTimer, format_train_record
 from .optim import build_optimizer, build_param_groups, freeze_backbone, set_lr
 from .run_checks import check_data_for_run
 from .run_dir import FINISHED, RunDirError, agree_run_dir, resolve_run_dir
-from .train_utils import (config_diff, grad_norm_stage0, grad_norm_zero, lr_mult, main_thread,
+from .train_utils import (clips_in_trainer, config_diff, grad_norm_stage0, grad_norm_zero, lr_mult, main_thread,
                           non_finite_tensors, read_floats, seed_everything, to_float32)
 from .validation import Validator, eval_targets
 from .zero import DictOutput
@@ -57,6 +57,7 @@ class Trainer:
         self.run_dir, resume_tag = agree_run_dir(cfg, resume, self.is_main)
         self.num_classes, self.num_cameras, self.sources = check_data_for_run(cfg, log_to=log if self.is_main else None)
         seed_everything(cfg.train.seed)  # identical model init on every rank
+        self.clip_here = clips_in_trainer(cfg.train.precision, cfg.train.zero_stage)
         self.engine, self.optimizer = self._build_engine()
         self.dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
                       else torch.float16 if self.engine.fp16_enabled() else torch.float32)
@@ -108,9 +109,12 @@ class Trainer:
         if cfg.optim.freeze_backbone:
             log.info("prompt tuning: froze %d backbone parameters", freeze_backbone(model, param_category))
         groups = build_param_groups(model.named_parameters(), cfg.optim, param_category)
+        ds_config = load_ds_config(cfg, self.env.world_size)
+        if self.clip_here:
+            ds_config["gradient_clipping"] = 0.0  # _train_step clips with the norm it logs
         engine, optimizer, _, _ = deepspeed.initialize(
             model=DictOutput(model, zero3=cfg.train.zero_stage == 3),
-            optimizer=build_optimizer(groups, cfg.optim), config=load_ds_config(cfg, self.env.world_size))
+            optimizer=build_optimizer(groups, cfg.optim), config=ds_config)
         if self.env.world_size == 1 and cfg.train.zero_stage == 0:
             engine.enable_backward_allreduce = False  # one rank: DeepSpeed would flatten, all-reduce and copy back
             # every gradient for nothing (about 2 ms of the demo's 130 ms step on 2 CPU cores)
@@ -274,7 +278,8 @@ class Trainer:
             set_lr(self.optimizer, self.step, self.micro_per_epoch / self.accum, self.cfg.optim)
         self.engine.backward(loss)
         zero = self.cfg.train.zero_stage > 0
-        norm = grad_norm_stage0(self.engine) if boundary and not zero else None
+        max_norm = self.cfg.optim.grad_clip if self.clip_here else 0.0
+        norm = grad_norm_stage0(self.engine, max_norm) if boundary and not zero else None
         self.engine.step()
         self.bad_in_row = 0
         self._accumulate({k: v / self.env.world_size for k, v in zip(names, values[:-2])})
