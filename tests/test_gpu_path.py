@@ -127,6 +127,7 @@ def test_train_step_collective_runs_on_the_nccl_device(monkeypatch):
     t.num_classes, t.num_cameras = 7, 3
     t.loss_fn, t.epoch, t._stop, t.bad_in_row = MIPLoss(cfg.loss), 0, False, 0
     t.timer, t.window, t.micro_per_epoch, t.accum = StepTimer(), {}, 10, 1
+    t.clip_here = trainer_module.clips_in_trainer(cfg.train.precision, cfg.train.zero_stage)  # fp32: clips here
     with fake_cuda_mode():
         model = model.to("cuda")
         t.engine, t.device, t.dtype = _StubEngine(model), torch.device("cuda", 0), torch.float32
