@@ -1,4 +1,5 @@
-"""Decoding and transforms: infrared to 3 channels, the grayscale/normalise order claim, channel augmentation."""
+"""Decoding and transforms: infrared to 3 channels, the grayscale/normalise order claim, channel augmentation,
+the batched training augmentation against torchvision image by image."""
 import io
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from mip_dist.data.transforms import (MEAN, STD, RandomChannel, decode_rgb, decode_rgb_pil, eval_transform,
-                                      train_transform)
+from mip_dist.data.transforms import (MEAN, STD, RandomChannel, TrainAugment, decode_rgb, decode_rgb_pil,
+                                      eval_transform, train_transform)
 
 
 def _encode(mode: str, fmt: str) -> bytes:
@@ -74,3 +75,23 @@ def test_light_augment_keeps_geometry_and_grayscale_only():
     assert train_transform((64, 32), "light")(img).shape == (3, 64, 32)
     with pytest.raises(ValueError, match="augment"):
         train_transform((64, 32), "heavy")
+
+
+@pytest.mark.parametrize("augment", ["light", "paper"])
+@pytest.mark.parametrize("source_size", [(64, 32), (100, 50)], ids=["same-size", "resized"])
+def test_batch_augment_matches_torchvision_image_by_image(augment, source_size):
+    """TrainAugment's batched light chain: the same draws and the same pixels as channel exchange on the
+    visible images followed by the torchvision chain, one image after the other."""
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, *source_size), dtype=torch.uint8, generator=gen) for _ in range(12)]
+    visible = [i < 6 for i in range(12)]
+    for channel_aug in (False, True):
+        chain, channel = train_transform((64, 32), augment), RandomChannel(0.5)
+        torch.manual_seed(5)
+        expected = torch.stack([chain(channel(img) if channel_aug and vis else img)
+                                for img, vis in zip(images, visible)])
+        after = torch.rand(1)
+        torch.manual_seed(5)
+        got = TrainAugment((64, 32), augment, channel_aug)(images, visible)
+        assert torch.equal(got, expected)
+        assert torch.equal(torch.rand(1), after)  # the generator is left where the per-image chain leaves it

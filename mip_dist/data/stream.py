@@ -37,7 +37,7 @@ from .sample_cache import SampleCache
 from .shard_index import read_index  # noqa: F401  (callers import it from here)
 from .shard_reader import DataError, ErrorCounter, RawSample, SlotSource, mix_seed
 from .sources import ResolvedSource, resolve_sources
-from .transforms import RandomChannel, decode_rgb, one_thread, train_transform
+from .transforms import TrainAugment, decode_rgb, one_thread
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,7 @@ class _EpochShare(IterableDataset):
         mix = np.random.default_rng(mix_seed(sp.seed, self.epoch, sp.rank, w, 3))
         weights = [src.weight for src in sp.sources]
         caps = [src.max_identities for src in sp.sources]
-        tf = train_transform(sp.img_size, sp.augment)
-        channel = RandomChannel(0.5) if sp.channel_aug else None
+        augment = TrainAugment(sp.img_size, sp.augment, sp.channel_aug)
 
         def read_image(s: RawSample) -> Optional[torch.Tensor]:
             try:
@@ -126,13 +125,9 @@ class _EpochShare(IterableDataset):
             with torch.random.fork_rng(devices=[]), one_thread():  # own RNG per batch; caller's untouched
                 torch.default_generator.manual_seed(mix_seed(sp.seed, self.epoch, sp.rank, w, j, 2))  # CPU only:
                 # torch.manual_seed would also reseed the GPU generators, which fork_rng(devices=[]) does not restore
-                images = []
-                for s, img in pairs:
-                    if channel is not None and s.modality == VISIBLE:
-                        img = channel(img)
-                    images.append(tf(img))
+                images = augment([img for _, img in pairs], [s.modality == VISIBLE for s, _ in pairs])
             yield {
-                "images": torch.stack(images),
+                "images": images,
                 "pid": torch.tensor([s.label for s, _ in pairs], dtype=torch.int64),
                 "camera": torch.tensor([s.camera - 1 for s, _ in pairs], dtype=torch.int64),
                 "modality": torch.tensor([s.modality for s, _ in pairs], dtype=torch.int64),
