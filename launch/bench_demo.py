@@ -11,22 +11,32 @@ fraction of the base's.
 MKL_ENABLE_INSTRUCTIONS=AVX2, so PyTorch, oneDNN and MKL use 256-bit vectors as on a CPU without
 AVX-512 (the demo's time promise is for such a 2-core CPU).
 
+`--data` times the demo's data path instead, in turns: its train stream per batch without and with
+`data.cache_mb` (epochs after the first, which fills the cache), and one batch's augmentation by
+torchvision image by image and by `TrainAugment` (on the demo's synthetic set, made if missing).
+
     python launch/bench_demo.py --isa avx2 --variant "before: model.stem_strides=[2,2,1,2,1,2] ..."
+    python launch/bench_demo.py --isa avx2 --data
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from mip_dist.config import Config, load_config
+from mip_dist.data.stream import TrainStream, build_train_stream
+from mip_dist.data.transforms import RandomChannel, TrainAugment, train_transform
 from mip_dist.demo.people import SYSU_STYLES
+from mip_dist.demo.prepare import prepare_synthetic
 from mip_dist.engine.optim import build_optimizer, build_param_groups
 from mip_dist.losses import MIPLoss
 from mip_dist.model import build_model, param_category
@@ -99,6 +109,57 @@ def bench(variants: list[tuple[str, list[str]]], rounds: int, steps: int, warmup
               f"({total / (steps_of(cfgs[base]) * best[base]):.2f} of {base}'s)")
 
 
+def bench_data(data_root: str, rounds: int, batches: int) -> None:
+    """The demo's data path, ms per batch: the stream without and with its cache, torchvision's per-image
+    augmentation against TrainAugment's; each pair timed in turns, best round kept."""
+    cfg = load_config(DEMO_CONFIG, [f"data.root={data_root}/synthetic_sysu", f"data.shards={data_root}/shards"]
+                      if data_root else [])
+    prepare_synthetic(cfg.data, world_size=1)
+    streams = {"stream, no cache": build_train_stream(dataclasses.replace(cfg.data, cache_mb=0), seed=0, rank=0,
+                                                      world_size=1),
+               f"stream, data.cache_mb={cfg.data.cache_mb}": build_train_stream(cfg.data, seed=0, rank=0, world_size=1)}
+    for stream in streams.values():
+        _batches(stream, 0, stream.steps_per_epoch)  # the first epoch fills the cache
+    b, size = cfg.data.batch_size, cfg.data.img_size
+    images = [torch.randint(0, 256, (3, *size), dtype=torch.uint8) for _ in range(b)]
+    visible = [i < b // 2 for i in range(b)]
+    chain, channel = train_transform(size, cfg.data.augment), RandomChannel(0.5)
+    augment = TrainAugment(size, cfg.data.augment, cfg.data.channel_aug)
+    augments = {
+        "augment, torchvision per image": lambda: torch.stack(
+            [chain(channel(img) if vis and cfg.data.channel_aug else img) for img, vis in zip(images, visible)]),
+        "augment, TrainAugment": lambda: augment(images, visible),
+    }
+    best: dict[str, float] = {}
+    for r in range(rounds):
+        for name, stream in (streams.items() if r % 2 == 0 else reversed(streams.items())):
+            best[name] = min(best.get(name, float("inf")), _batches(stream, r + 1, batches) / batches)
+        for name, run in (augments.items() if r % 2 == 0 else reversed(augments.items())):
+            best[name] = min(best.get(name, float("inf")), _repeat(run, batches) / batches)
+    print(f"demo data path, batches of {b}, {torch.get_num_threads()} threads, best of {rounds} rounds x {batches} "
+          "batches")
+    for pair in (list(streams), list(augments)):
+        for name in pair:
+            print(f"  {name:>32}: {best[name] * 1e3:6.2f} ms/batch  x{best[pair[0]] / best[name]:.2f} vs the first")
+
+
+def _batches(stream: TrainStream, epoch: int, n: int) -> float:
+    """Seconds to draw n batches of the given epoch."""
+    stream.set_epoch(epoch)
+    t0, it = time.perf_counter(), iter(stream)
+    for _ in range(n):
+        next(it)
+    return time.perf_counter() - t0
+
+
+def _repeat(run: Callable[[], object], n: int) -> float:
+    """Seconds of n calls."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        run()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", action="append", default=[], help="'name: key=value ...' (repeatable; "
@@ -109,10 +170,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores, like the demo)")
     ap.add_argument("--isa", choices=["default", "avx2"], default="default", help="avx2: run as on a CPU "
                     "without AVX-512 (re-executes this script with the ISA variables set)")
+    ap.add_argument("--data", action="store_true", help="time the data path (stream cache, batched augmentation)")
+    ap.add_argument("--data-root", default="", help="--data: a folder for the synthetic set (default: the demo's "
+                    "own, made if missing)")
+    ap.add_argument("--batches", type=int, default=40, help="--data: timed batches per variant per round")
     args = ap.parse_args()
     if args.isa == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
         sys.exit(subprocess.run([sys.executable, __file__, *sys.argv[1:]], env={**os.environ, **AVX2_ENV}).returncode)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    if args.data:
+        bench_data(args.data_root, args.rounds, args.batches)
+        return
     variants = [parse_variant(v) for v in args.variant] or [("demo", [])]
     bench(variants, args.rounds, args.steps, args.warmup)
 

@@ -121,3 +121,16 @@ def test_demo_benchmark_times_variants_side_by_side():
     images = demo.data.synthetic_ids * len(SYSU_STYLES) * demo.data.synthetic_images_per_camera
     assert f"{demo.train.epochs * (images // demo.data.batch_size)} steps of {demo.data.batch_size}" in lines[0]
     assert f"{2 * (images // 8)} steps of 8" in lines[1]
+
+
+def test_demo_data_benchmark_times_the_cache_and_the_batched_augmentation(tmp_path):
+    """launch/bench_demo.py --data: the stream without and with its cache, torchvision's per-image chain and
+    TrainAugment, each with its ratio to the first of its pair."""
+    r = subprocess.run([sys.executable, "launch/bench_demo.py", "--data", "--data-root", str(tmp_path), "--rounds",
+                        "1", "--batches", "2", "--threads", "1"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    lines = [line.strip() for line in r.stdout.splitlines() if "ms/batch" in line]
+    assert [line.split(":")[0] for line in lines] == ["stream, no cache", "stream, data.cache_mb=256",
+                                                      "augment, torchvision per image", "augment, TrainAugment"]
+    assert "x1.00 vs the first" in lines[0] and "x1.00 vs the first" in lines[2]
