@@ -335,7 +335,8 @@ def _epochs(stream, n: int) -> list:
     return out
 
 
-def test_sample_cache_gives_the_same_batches_and_reads_each_shard_and_image_once(shards, monkeypatch):
+@pytest.mark.parametrize("augment", ["paper", "light"])
+def test_sample_cache_gives_the_same_batches_and_reads_each_shard_and_image_once(shards, monkeypatch, augment):
     import mip_dist.data.shard_reader as reader
     import mip_dist.data.stream as stream_module
     reads, decodes = collections.Counter(), collections.Counter()
@@ -351,11 +352,13 @@ def test_sample_cache_gives_the_same_batches_and_reads_each_shard_and_image_once
 
     monkeypatch.setattr(reader, "iter_shard_samples", counting_iter)
     monkeypatch.setattr(stream_module, "decode_rgb", counting_decode)
-    plain = _epochs(build_train_stream(cfg(shards), seed=4, rank=0, world_size=1), 3)
+    plain = _epochs(build_train_stream(cfg(shards, augment=augment, channel_aug=True), seed=4, rank=0,
+                                       world_size=1), 3)
     samples = sum(s["count"] for s in read_index(str(shards))["shards"] if s["split"] == "train")
     assert sum(reads.values()) >= 3 * len(reads) and sum(decodes.values()) > 2 * samples  # every epoch again
     reads.clear(), decodes.clear()
-    cached = build_train_stream(cfg(shards, cache_mb=64), seed=4, rank=0, world_size=1)
+    cached = build_train_stream(cfg(shards, cache_mb=64, augment=augment, channel_aug=True), seed=4, rank=0,
+                                world_size=1)
     assert same_batches(_epochs(cached, 3), plain)  # a cached image is never changed by the transforms
     # each shard once, plus the shard an epoch ended in (kept only once read to its end); each image once
     assert sum(reads.values()) <= len(reads) + 3 and sum(decodes.values()) <= samples
