@@ -11,12 +11,16 @@ fraction of the base's.
 MKL_ENABLE_INSTRUCTIONS=AVX2, so PyTorch, oneDNN and MKL use 256-bit vectors as on a CPU without
 AVX-512 (the demo's time promise is for such a 2-core CPU).
 
+`--stem` times the demo's convolutional stem alone (forward + backward), its input in the plain NCHW layout
+against channels-last (the layout `ConvStemEmbed` hands its convolutions).
+
 `--data` times the demo's data path instead, in turns: its train stream per batch without and with
 `data.cache_mb` (epochs after the first, which fills the cache), and one batch's augmentation by
 torchvision image by image and by `TrainAugment` (on the demo's synthetic set, made if missing).
 
     python launch/bench_demo.py --isa avx2 --variant "before: model.stem_strides=[2,2,1,2,1,2] ..."
     python launch/bench_demo.py --isa avx2 --data
+    python launch/bench_demo.py --isa avx2 --stem
 """
 from __future__ import annotations
 
@@ -109,6 +113,25 @@ def bench(variants: list[tuple[str, list[str]]], rounds: int, steps: int, warmup
               f"({total / (steps_of(cfgs[base]) * best[base]):.2f} of {base}'s)")
 
 
+def bench_stem(rounds: int, steps: int, warmup: int) -> None:
+    """The demo's conv stem, forward + backward, on NCHW and channels-last input, timed in turns."""
+    cfg = load_config(DEMO_CONFIG, [])
+    stem = Step(cfg).model.patch_embed.proj
+    images = torch.randn(cfg.data.batch_size, 3, *cfg.model.img_size)
+    layouts = {"NCHW": images, "channels-last": images.contiguous(memory_format=torch.channels_last)}
+    runs = {name: (lambda x=x: stem(x).sum().backward()) for name, x in layouts.items()}
+    for run in runs.values():
+        _repeat(run, warmup)
+    best: dict[str, float] = {}
+    for r in range(rounds):
+        for name, run in (runs.items() if r % 2 == 0 else reversed(runs.items())):
+            best[name] = min(best.get(name, float("inf")), _repeat(run, steps) / steps)
+    print(f"demo conv stem, forward + backward, batch {cfg.data.batch_size}, {torch.get_num_threads()} threads, "
+          f"best of {rounds} rounds x {steps} steps")
+    for name in runs:
+        print(f"  {name:>14}: {best[name] * 1e3:6.2f} ms  x{best[name] / best['NCHW']:.2f} of NCHW's time")
+
+
 def bench_data(data_root: str, rounds: int, batches: int) -> None:
     """The demo's data path, ms per batch: the stream without and with its cache, torchvision's per-image
     augmentation against TrainAugment's; each pair timed in turns, best round kept."""
@@ -171,6 +194,7 @@ def main() -> None:
     ap.add_argument("--isa", choices=["default", "avx2"], default="default", help="avx2: run as on a CPU "
                     "without AVX-512 (re-executes this script with the ISA variables set)")
     ap.add_argument("--data", action="store_true", help="time the data path (stream cache, batched augmentation)")
+    ap.add_argument("--stem", action="store_true", help="time the conv stem on NCHW vs channels-last input")
     ap.add_argument("--data-root", default="", help="--data: a folder for the synthetic set (default: the demo's "
                     "own, made if missing)")
     ap.add_argument("--batches", type=int, default=40, help="--data: timed batches per variant per round")
@@ -180,6 +204,9 @@ def main() -> None:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if args.data:
         bench_data(args.data_root, args.rounds, args.batches)
+        return
+    if args.stem:
+        bench_stem(args.rounds, args.steps * 4, args.warmup)
         return
     variants = [parse_variant(v) for v in args.variant] or [("demo", [])]
     bench(variants, args.rounds, args.steps, args.warmup)

@@ -134,3 +134,13 @@ def test_demo_data_benchmark_times_the_cache_and_the_batched_augmentation(tmp_pa
     assert [line.split(":")[0] for line in lines] == ["stream, no cache", "stream, data.cache_mb=256",
                                                       "augment, torchvision per image", "augment, TrainAugment"]
     assert "x1.00 vs the first" in lines[0] and "x1.00 vs the first" in lines[2]
+
+
+def test_demo_stem_benchmark_times_both_layouts():
+    """launch/bench_demo.py --stem: the conv stem on NCHW and on channels-last input, each as a share of NCHW's."""
+    r = subprocess.run([sys.executable, "launch/bench_demo.py", "--stem", "--rounds", "1", "--steps", "1",
+                        "--warmup", "0", "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    lines = [line.strip() for line in r.stdout.splitlines() if " ms " in line]
+    assert [line.split(":")[0] for line in lines] == ["NCHW", "channels-last"], r.stdout
+    assert "x1.00 of NCHW's time" in lines[0]

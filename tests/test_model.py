@@ -235,3 +235,15 @@ def test_avg_global_pool_is_the_mean_patch_token():
     out = model(images, mod, cam)
     torch.testing.assert_close(out.global_feat, tokens[:, 1:].mean(1))
     assert not torch.allclose(out.global_feat, tokens[:, 0])
+
+
+def test_conv_stem_convolves_channels_last_with_the_same_result():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.stem=conv"])
+    embed = make_model(cfg).patch_embed
+    seen = []
+    embed.proj[0].conv.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    images = torch.randn(2, 3, *cfg.model.img_size)
+    tokens = embed(images)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and tokens.is_contiguous()
+    nchw = embed.proj(images).flatten(2).transpose(1, 2)  # the stem on the plain layout
+    torch.testing.assert_close(tokens, nchw, rtol=1e-4, atol=1e-5)
