@@ -95,10 +95,8 @@ def bench(variants: list[tuple[str, list[str]]], rounds: int, steps: int, warmup
     for run in runs.values():
         for _ in range(warmup):
             run()
-    best = {name: float("inf") for name in runs}
-    for r in range(rounds):
-        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-            best[name] = min(best[name], sum(runs[name]() for _ in range(steps)) / steps)
+    best = best_in_turns({name: (lambda _, run=run: sum(run() for _ in range(steps)) / steps)
+                          for name, run in runs.items()}, rounds)
     isa = os.environ.get("ATEN_CPU_CAPABILITY", "default")
     print(f"demo training step, {torch.get_num_threads()} threads, ATen ISA {isa}, best of {rounds} rounds "
           f"x {steps} steps")
@@ -122,10 +120,8 @@ def bench_stem(rounds: int, steps: int, warmup: int) -> None:
     runs = {name: (lambda x=x: stem(x).sum().backward()) for name, x in layouts.items()}
     for run in runs.values():
         _repeat(run, warmup)
-    best: dict[str, float] = {}
-    for r in range(rounds):
-        for name, run in (runs.items() if r % 2 == 0 else reversed(runs.items())):
-            best[name] = min(best.get(name, float("inf")), _repeat(run, steps) / steps)
+    best = best_in_turns({name: (lambda _, run=run: _repeat(run, steps) / steps) for name, run in runs.items()},
+                         rounds)
     print(f"demo conv stem, forward + backward, batch {cfg.data.batch_size}, {torch.get_num_threads()} threads, "
           f"best of {rounds} rounds x {steps} steps")
     for name in runs:
@@ -153,17 +149,25 @@ def bench_data(data_root: str, rounds: int, batches: int) -> None:
             [chain(channel(img) if vis and cfg.data.channel_aug else img) for img, vis in zip(images, visible)]),
         "augment, TrainAugment": lambda: augment(images, visible),
     }
-    best: dict[str, float] = {}
-    for r in range(rounds):
-        for name, stream in (streams.items() if r % 2 == 0 else reversed(streams.items())):
-            best[name] = min(best.get(name, float("inf")), _batches(stream, r + 1, batches) / batches)
-        for name, run in (augments.items() if r % 2 == 0 else reversed(augments.items())):
-            best[name] = min(best.get(name, float("inf")), _repeat(run, batches) / batches)
+    best = best_in_turns({**{name: (lambda r, stream=stream: _batches(stream, r + 1, batches) / batches)
+                             for name, stream in streams.items()},
+                          **{name: (lambda _, run=run: _repeat(run, batches) / batches)
+                             for name, run in augments.items()}}, rounds)
     print(f"demo data path, batches of {b}, {torch.get_num_threads()} threads, best of {rounds} rounds x {batches} "
           "batches")
     for pair in (list(streams), list(augments)):
         for name in pair:
             print(f"  {name:>32}: {best[name] * 1e3:6.2f} ms/batch  x{best[pair[0]] / best[name]:.2f} vs the first")
+
+
+def best_in_turns(timed: dict[str, Callable[[int], float]], rounds: int) -> dict[str, float]:
+    """Each entry's least seconds over `rounds` rounds (it gets the round's index); the entries take turns, in
+    reverse order every other round, so a drift in the machine's speed reaches them all alike."""
+    best = {name: float("inf") for name in timed}
+    for r in range(rounds):
+        for name in (list(timed) if r % 2 == 0 else list(timed)[::-1]):
+            best[name] = min(best[name], timed[name](r))
+    return best
 
 
 def _batches(stream: TrainStream, epoch: int, n: int) -> float:
@@ -206,7 +210,7 @@ def main() -> None:
         bench_data(args.data_root, args.rounds, args.batches)
         return
     if args.stem:
-        bench_stem(args.rounds, args.steps * 4, args.warmup)
+        bench_stem(args.rounds, args.steps, args.warmup)
         return
     variants = [parse_variant(v) for v in args.variant] or [("demo", [])]
     bench(variants, args.rounds, args.steps, args.warmup)
