@@ -87,3 +87,20 @@ def same_batches(a: list, b: list) -> bool:
     """Two batch lists equal in every tensor and list (images, labels, keys)."""
     return len(a) == len(b) and all(torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k]
                                     for x, y in zip(a, b) for k in x)
+
+
+def run_probe(source: str, folder: Path, overrides: list[str], timeout: int = 300) -> object:
+    """Run a probe script in its own process (a fresh DeepSpeed/process group) with tests/ importable;
+    returns the JSON it prints last."""
+    import json
+    import subprocess
+    import sys
+
+    script = folder / "probe.py"
+    script.write_text(source)
+    repo = Path(__file__).resolve().parent.parent
+    path = os.pathsep.join(p for p in (str(repo / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    r = subprocess.run([sys.executable, str(script), json.dumps(overrides)], cwd=repo, capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": path})
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])

@@ -62,7 +62,7 @@ def test_deepspeed_json_disagreeing_with_config_fails_clearly(tmp_path):
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=64.*data.batch_size"):
         load_ds_config(cfg, 2)
     cfg = load_config(PAPER, ["train.zero_stage=2", f"train.deepspeed_config={zero0}"])
-    with pytest.raises(ConfigError, match="ZeRO stage 0 but train.zero_stage=2"):
+    with pytest.raises(ConfigError, match="ZeRO stage 1 but train.zero_stage=2"):
         load_ds_config(cfg, 2)
     fp16 = tmp_path / "fp16.json"
     fp16.write_text(json.dumps(build_ds_config(load_config(PAPER, ["train.precision=fp16"]), 2)))

@@ -25,15 +25,17 @@ _DEEPSPEED_FILE = re.compile(r"^(bf16_)?(zero_pp_rank_\d+_)?mp_rank_\d+_(model|o
 
 def consolidated_state_dict(engine: Any, tag_dir: Optional[Path], zero_stage: int, fp32_engine: bool,
                             strip_prefix: str = "") -> Optional[dict]:
-    """The full fp32 model state on rank 0 (None elsewhere), keys without `strip_prefix`.
+    """The full fp32 model state on rank 0 (None elsewhere), keys without `strip_prefix`. Every rank calls it.
 
     ZeRO-3 (and ZeRO-1/2 with 16-bit weights) read the fp32 master weights back from a saved tag with
     DeepSpeed's zero_to_fp32; otherwise the engine's own (already full) module state is used, with the
-    16-bit optimizer's fp32 master copies in place of 16-bit parameters.
+    16-bit optimizer's fp32 master copies in place of 16-bit parameters (BF16_Optimizer's are gathered
+    from their partitions, which zero_to_fp32 cannot read).
     """
+    bf16_masters = _bf16_optimizer_masters(engine)  # a collective: before rank 0 leaves the others
     if engine.global_rank != 0:
         return None
-    if zero_stage == 3 or (zero_stage > 0 and not fp32_engine):
+    if zero_stage == 3 or (zero_stage > 0 and not fp32_engine and bf16_masters is None):
         if tag_dir is None:
             raise ValueError("a ZeRO checkpoint is needed to consolidate fp32 weights")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -42,7 +44,7 @@ def consolidated_state_dict(engine: Any, tag_dir: Optional[Path], zero_stage: in
         sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:
         sd = dict(engine.module.state_dict())
-        masters = _fp32_masters(engine.optimizer)
+        masters = bf16_masters if bf16_masters is not None else _fp32_masters(engine.optimizer)
         for name, p in engine.module.named_parameters():
             if id(p) in masters:
                 sd[name] = masters[id(p)]
@@ -53,6 +55,18 @@ def consolidated_state_dict(engine: Any, tag_dir: Optional[Path], zero_stage: in
         v = v.detach().cpu()
         out[k] = v.float().clone() if v.is_floating_point() else v.clone()
     return out
+
+
+def _bf16_optimizer_masters(engine: Any) -> Optional[dict[int, torch.Tensor]]:
+    """id(bf16 param) -> its full fp32 master, assembled from DeepSpeed's BF16_Optimizer partitions (an
+    all-reduce per parameter over the data-parallel group); None when the engine runs another optimizer."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if not isinstance(engine.optimizer, BF16_Optimizer):
+        return None
+    masters = {id(p): safe_get_full_fp32_param(p) for p in engine.module.parameters() if p.requires_grad}
+    return {k: v for k, v in masters.items() if v is not None}
 
 
 def _fp32_masters(optimizer: Any) -> dict[int, torch.Tensor]:

@@ -59,6 +59,7 @@ class Trainer:
         seed_everything(cfg.train.seed)  # identical model init on every rank
         self.clip_here = clips_in_trainer(cfg.train.precision, cfg.train.zero_stage)
         self.engine, self.optimizer = self._build_engine()
+        self.ds_stage = int(self.engine.zero_optimization_stage())  # bf16 at zero_stage 0 runs as 1 (ds_config)
         self.dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
                       else torch.float16 if self.engine.fp16_enabled() else torch.float32)
         self.device = self.engine.device
@@ -115,7 +116,7 @@ class Trainer:
         engine, optimizer, _, _ = deepspeed.initialize(
             model=DictOutput(model, zero3=cfg.train.zero_stage == 3),
             optimizer=build_optimizer(groups, cfg.optim), config=ds_config)
-        if self.env.world_size == 1 and cfg.train.zero_stage == 0:
+        if self.env.world_size == 1 and engine.zero_optimization_stage() == 0:
             engine.enable_backward_allreduce = False  # one rank: DeepSpeed would flatten, all-reduce and copy back
             # every gradient for nothing (about 2 ms of the demo's 130 ms step on 2 CPU cores)
         if cfg.train.compile:
@@ -277,7 +278,7 @@ class Trainer:
         if boundary:
             set_lr(self.optimizer, self.step, self.micro_per_epoch / self.accum, self.cfg.optim)
         self.engine.backward(loss)
-        zero = self.cfg.train.zero_stage > 0
+        zero = self.ds_stage > 0
         max_norm = self.cfg.optim.grad_clip if self.clip_here else 0.0
         norm = grad_norm_stage0(self.engine, max_norm) if boundary and not zero else None
         self.engine.step()
@@ -386,7 +387,7 @@ class Trainer:
     def _consolidated(self) -> Optional[dict]:
         """fp32 full model state on rank 0 (from the checkpoint of this step when ZeRO shards it)."""
         tag = self.save()
-        return ckpt.consolidated_state_dict(self.engine, tag, self.cfg.train.zero_stage,
+        return ckpt.consolidated_state_dict(self.engine, tag, self.ds_stage,
                                             self.dtype == torch.float32, strip_prefix="model.")
 
     def _evaluate(self, state: Optional[dict], final: bool) -> None:
