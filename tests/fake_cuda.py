@@ -7,39 +7,8 @@ from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
-aten = torch.ops.aten
-
-# Ops whose result the host must wait for: scalar reads and data-dependent output shapes.
-SYNC_OPS = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default, aten.equal.default,
-            aten.nonzero.default, aten.masked_select.default, aten.unique_consecutive.default,
-            aten._unique2.default, aten.unique_dim.default, aten.repeat_interleave.Tensor,
-            aten.masked_scatter.default}
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts host-sync ops (SYNC_OPS) and device->host copies dispatched while active, with the op names."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in SYNC_OPS:
-            self.ops.append(str(func))
-        elif func in (aten._to_copy.default, aten.copy_.default):
-            src = args[0] if func is aten._to_copy.default else args[1]
-            dst = kwargs.get("device") if func is aten._to_copy.default else args[0].device
-            if isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst is not None \
-                    and torch.device(dst).type == "cpu":
-                self.ops.append(f"{func} (device->host)")
-        return func(*args, **kwargs)
-
-    @property
-    def count(self) -> int:
-        return len(self.ops)
+from mip_dist.engine.op_counter import SYNC_OPS, SyncCounter  # noqa: F401 - re-exported for the tests
 
 
 def fake_cuda_mode() -> FakeTensorMode:
