@@ -8,10 +8,13 @@ input and output moved once, forward plus backward for fwd+bwd; peak bandwidth f
 or a measured device copy) per row, at the paper block shapes and the IPG shape; FlexAttention is
 compiled per shape (the recompile limit sized to the sweep). --e2e adds the paper model's
 forward+backward img/s for attention.impl triton / torch / concat. Prints a table and writes JSON
-(--out). CPU: runs the Triton-interpreter correctness smoke instead (small shapes vs the fp64
-reference) and says that timings need a GPU.
+(--out), rewritten as each implementation finishes a shape, so a run cut short keeps the rows it finished.
+CPU: runs the Triton-interpreter correctness smoke instead (small shapes vs the fp64 reference) and says
+that timings need a GPU.
 
     python launch/bench_attention.py --out bench_attention.json
+    python launch/bench_attention.py --batch 64 --tokens 211 --impls fused-triton concat+sdpa-flash torch-path \
+        --modes fwd fwd+bwd --out bench_attention.json     # the paper block and IPG calls only (gpu_check.py)
     python launch/bench_attention.py --e2e --impls fused-triton   # + model img/s per attention.impl
     python launch/bench_attention.py --analytic         # counted HBM bytes per design vs ideal (no GPU)
     python launch/bench_attention.py --host-overhead    # Python launch time, kernels stubbed (no GPU)
@@ -89,6 +92,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--peak-bw", type=float, default=None,
                    help="HBM bytes/s for the bound (default: from the GPU name, else a measured copy)")
     p.add_argument("--impls", nargs="+", default=None, help="subset of implementations to run (default: all)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to time (default: all)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time (ms)")
     p.add_argument("--analytic", action="store_true", help="print counted HBM bytes per design vs ideal, exit")
@@ -450,9 +454,11 @@ def _timer(name: str, warmup: int, rep: int) -> Callable:
     return lambda fn, grads=None: do_bench_cudagraph(fn, rep=rep, grad_to_none=grads, return_mode="median")
 
 
-def time_modes(fn: Callable, x: dict, warmup: int, rep: int, timer: str = "do_bench") -> dict[str, object]:
-    """Median ms of forward (no grad), backward (retained graph) and forward+backward with `timer`; an error
-    string instead of a time for a mode that fails (e.g. a backend without a backward, or not capturable)."""
+def time_modes(fn: Callable, x: dict, warmup: int, rep: int, timer: str = "do_bench",
+               modes: tuple[str, ...] = MODES) -> dict[str, object]:
+    """Median ms of forward (no grad), backward (retained graph) and forward+backward (those in `modes`) with
+    `timer`; an error string instead of a time for a mode that fails (e.g. a backend without a backward, or not
+    capturable)."""
     bench = _timer(timer, warmup, rep)
     grads = leaves(x)
     out: dict[str, object] = {}
@@ -463,7 +469,7 @@ def time_modes(fn: Callable, x: dict, warmup: int, rep: int, timer: str = "do_be
         with torch.no_grad():
             fn(**x)
 
-    for mode in MODES:
+    for mode in modes:
         try:
             if mode == "fwd":
                 out[mode] = bench(fwd)
@@ -500,9 +506,13 @@ def check_against_reference(fn: Callable, x: dict) -> dict[str, float]:
     return errs
 
 
-def bench_gpu(args: argparse.Namespace) -> dict:
+def bench_gpu(args: argparse.Namespace, save: Callable[[dict], None] = lambda result: None,
+              device: str = "cuda") -> dict:
+    """Check then time every implementation at every case; `save` gets the result so far after each
+    implementation, so a run cut short keeps the rows it finished."""
     dtype = DTYPES[args.dtype]
-    device_name = torch.cuda.get_device_name()
+    modes = tuple(m for m in MODES if m in args.modes)
+    device_name = torch.cuda.get_device_name() if device == "cuda" else device
     peak, peak_source = args.peak_bw, "--peak-bw"
     if peak is None:
         peak, peak_source = peak_bandwidth(device_name), "datasheet"
@@ -513,9 +523,15 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     if args.impls:
         impls = {k: v for k, v in impls.items() if k in args.impls}
     es = dtype.itemsize
-    rows = []
+    rows: list[dict] = []
+
+    def result() -> dict:
+        """Rows so far with their ratios to the fused kernel."""
+        add_speedups(rows)
+        return {"device": device_name, "peak_bw": peak, "peak_bw_source": peak_source, "rows": rows}
+
     for c in cases(args):
-        x = make_inputs(c, dtype, "cuda")
+        x = make_inputs(c, dtype, device)
         ideal = ideal_bytes(c, es)
         for name, fn in impls.items():
             base = dict(impl=name, case=c["kind"], B=c["B"], H=c["H"], N=c["N"], S=c["S"], L=keys_per_query(c),
@@ -523,13 +539,13 @@ def bench_gpu(args: argparse.Namespace) -> dict:
             try:
                 errs = check_against_reference(fn, x)
                 bad = {k: e for k, e in errs.items() if not e <= GRAD_TOL[dtype]}
-                times = ({mode: f"wrong vs reference: {bad}" for mode in MODES} if bad
-                         else time_modes(fn, x, args.warmup, args.rep))
-                graph = times if bad else time_modes(fn, x, args.warmup, args.rep, timer="cuda graph")
+                times = ({mode: f"wrong vs reference: {bad}" for mode in modes} if bad
+                         else time_modes(fn, x, args.warmup, args.rep, modes=modes))
+                graph = times if bad else time_modes(fn, x, args.warmup, args.rep, timer="cuda graph", modes=modes)
             except Exception as exc:  # a backend may not take these shapes/dtype on this GPU
-                errs, times = None, {mode: _reason(exc) for mode in MODES}
+                errs, times = None, {mode: _reason(exc) for mode in modes}
                 graph = times
-            for mode in MODES:
+            for mode in modes:
                 ms, ms_graph = times[mode], graph[mode]
                 if isinstance(ms, str):
                     rows.append({**base, "mode": mode, "status": "unavailable", "reason": ms, "rel_err": errs})
@@ -544,16 +560,17 @@ def bench_gpu(args: argparse.Namespace) -> dict:
                     row.update(ms_graph=ms_graph, x_hbm_bound_graph=ms_graph / bound_ms)
                 rows.append(row)
             summary = ", ".join(f"{m} {times[m]:.3f} ms" if not isinstance(times[m], str)
-                                else f"{m} unavailable ({times[m]})" for m in MODES)
+                                else f"{m} unavailable ({times[m]})" for m in modes)
             summary += " | cuda graph: " + ", ".join(f"{m} {graph[m]:.3f}" if not isinstance(graph[m], str)
-                                                    else f"{m} n/a" for m in MODES)
+                                                    else f"{m} n/a" for m in modes)
             if errs is not None:
                 summary += f" (max rel err {max(errs.values()):.2e} over o + {len(errs) - 1} grads)"
             print(f"  {name:28s} {c['kind']} B={c['B']} N={c['N']}: {summary}", flush=True)
+            save(result())
         del x
-        torch.cuda.empty_cache()
-    add_speedups(rows)
-    return {"device": device_name, "peak_bw": peak, "peak_bw_source": peak_source, "rows": rows}
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return result()
 
 
 E2E_IMPLS = ("triton", "torch", "concat")  # fused kernel, exact compute in PyTorch, literal concatenation
@@ -650,10 +667,12 @@ SMOKE = [  # B, H, N, S, M, Pm, Pi, D, broadcast q, dtype
 ]
 
 
-def smoke_cpu() -> dict:
-    """Fused kernels under TRITON_INTERPRET=1 vs the fp64 reference: max |error| of o and each gradient."""
+def smoke_cpu(save: Callable[[dict], None] = lambda result: None) -> dict:
+    """Fused kernels under TRITON_INTERPRET=1 vs the fp64 reference: max |error| of o and each gradient; `save`
+    gets the results so far after each case."""
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' first use, which imports triton
     results = []
+    device = f"cpu ({platform.processor() or platform.machine()}), Triton interpreter"
     for B, H, N, S, M, Pm, Pi, D, bq, dtype in SMOKE:
         g = torch.Generator().manual_seed(0)
         r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
@@ -674,7 +693,17 @@ def smoke_cpu() -> dict:
         case = f"B{B} H{H} N{N} S{S} M{M} Pm{Pm} Pi{Pi} D{D}{' bq' if bq else ''} {str(dtype)[6:]}"
         print(f"  {case:45s} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
         results.append({"case": case, "max_abs_err": errs})
-    return {"device": f"cpu ({platform.processor() or platform.machine()}), Triton interpreter", "smoke": results}
+        save({"device": device, "smoke": results})
+    return {"device": device, "smoke": results}
+
+
+def write_result(path: Path, result: dict) -> None:
+    """The JSON written whole to a temporary file and renamed over `path`: a reader, or a kill, never finds
+    half a file, and a run cut short leaves the rows written so far."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -685,6 +714,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         meta["triton"] = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         meta["triton"] = None
+
+    def save(partial: dict) -> None:
+        """Rewrite --out with what is done so far (the GPU rows and CPU smoke cases as each finishes)."""
+        if args.out is not None:
+            write_result(args.out, {**partial, **meta, "partial": True})
+
     if args.host_overhead_rows:  # the --baseline-kernels child: rows as one JSON line
         print(json.dumps(host_overhead_rows(args.host_iters, "baseline")))
         return 0
@@ -697,7 +732,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}; dtype {args.dtype}, H {args.heads}, D {args.head_dim}, "
               f"Pm {args.bank_len} x {args.bank_entries} entries, Pi {args.inst_len}")
-        result = bench_gpu(args)
+        result = bench_gpu(args, save)
         print()
         print_table(result["rows"])
         if args.e2e:
@@ -705,15 +740,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         print("No CUDA device: running the Triton-interpreter correctness smoke (max |error| vs fp64).")
         try:
-            result = smoke_cpu()
+            result = smoke_cpu(save)
         except Exception:
             traceback.print_exc()
             return 1
         print("Timings need a GPU: run this script on a CUDA machine for the benchmark table.")
-    result.update(meta)
+    result.update(meta, partial=False)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_result(args.out, result)
         print(f"wrote {args.out}")
     return 0
 

@@ -18,9 +18,15 @@ def test_cpu_smoke_writes_errors_and_says_timings_need_a_gpu(tmp_path, monkeypat
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
+    written = []  # (cases in the file, partial?) each time the file is rewritten
+    write = bench.write_result
+    monkeypatch.setattr(bench, "write_result", lambda path, result: (
+        written.append((len(result["smoke"]), result["partial"])), write(path, result)))
     assert bench.main(["--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Timings need a GPU" in printed
+    n = len(bench.SMOKE)
+    assert written == [(i, True) for i in range(1, n + 1)] + [(n, False)]  # after every case, then the final
     result = json.loads(out.read_text())
     assert len(result["smoke"]) == len(bench.SMOKE)
     for case in result["smoke"]:
@@ -143,3 +149,27 @@ def test_host_overhead_times_a_baseline_copy_of_the_kernels_side_by_side(tmp_pat
     (copy / "_op.py").write_text("raise ImportError('the baseline copy was imported')\n")
     with pytest.raises(RuntimeError, match="the baseline copy was imported"):
         bench.host_overhead(bench.parse_args(args))
+
+
+def test_gpu_rows_are_written_as_each_implementation_finishes(monkeypatch):
+    """bench_gpu hands its rows to `save` after every implementation at every shape (only the modes asked
+    for), with the ratios to the fused kernel so far; run here on the CPU with stand-in timings."""
+    bench = _bench_module()
+    torch_path = lambda **x: bench.prompt_attention(**x, impl="torch")  # noqa: E731
+    fused = lambda **x: bench.prompt_attention(**x, impl="torch")  # noqa: E731 - stands in for the kernel
+    monkeypatch.setattr(bench, "implementations", lambda shapes=1: {
+        "fused-triton": fused, "torch-path": torch_path, "flex-attention": torch_path})
+    monkeypatch.setattr(bench, "time_modes", lambda fn, x, warmup, rep, timer="do_bench", modes=bench.MODES: {
+        m: (0.5 if fn is fused else 1.5) for m in modes})
+    args = bench.parse_args(["--batch", "2", "--heads", "2", "--head-dim", "16", "--tokens", "9", "--ipg-queries", "4",
+                             "--ipg-keys", "7", "--dtype", "fp32", "--peak-bw", "1e12", "--modes", "fwd", "fwd+bwd",
+                             "--impls", "fused-triton", "torch-path"])
+    saved = []
+    result = bench.bench_gpu(args, lambda partial: saved.append(json.loads(json.dumps(partial))), device="cpu")
+    assert [len(s["rows"]) for s in saved] == [2, 4, 6, 8]  # 2 modes x (2 impls) x (block, ipg)
+    assert saved[-1]["rows"] == json.loads(json.dumps(result["rows"]))
+    rows = result["rows"]
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"} and {r["impl"] for r in rows} == {"fused-triton",
+                                                                                              "torch-path"}
+    assert all(r["status"] == "ok" for r in rows)
+    assert [r["fused_speedup"] for r in rows if r["impl"] == "torch-path"] == [pytest.approx(3.0)] * 4
