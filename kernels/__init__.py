@@ -118,13 +118,16 @@ def resolve_impl(impl: str, q: torch.Tensor) -> str:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
     if impl == "torch":
         return "torch"
+    # auto never picks the interpreter: on a CPU it is far slower than PyTorch. Deciding that first also
+    # keeps an auto call on CPU tensors from importing the kernels, which would fix this process's
+    # Triton mode (compiled or interpreted) from whatever TRITON_INTERPRET says at that moment.
+    if impl == "auto" and q.device.type != "cuda":
+        return "torch"
     reason = triton_unsupported(q)
     if impl == "triton":
         if reason is not None:
             raise ValueError(f"impl='triton' cannot run here: {reason}; use impl='torch' or 'auto'")
         return "triton"
-    if q.device.type != "cuda":  # auto never picks the interpreter: on a CPU it is far slower than PyTorch
-        return "torch"
     if reason is None:
         return "triton"
     if reason not in _warned:  # falling back on a GPU is worth one warning

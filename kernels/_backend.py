@@ -7,7 +7,9 @@ the first Triton call.
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
 from types import ModuleType
 from typing import Optional
 
@@ -28,6 +30,25 @@ def triton_available() -> bool:
 def interpreter_requested() -> bool:
     """TRITON_INTERPRET=1 in the environment, read at call time."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1+git12ab'."""
+    major, minor = version.split(".")[:2]
+    return int(major), int(re.match(r"\d*", minor).group() or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_defect() -> Optional[str]:
+    """Why this triton's interpreter cannot run the kernels with this NumPy, else None (checked once): before
+    triton 3.7 it reads loop bounds with int() on one-element arrays, which NumPy 2.4 refuses."""
+    import numpy
+    import triton
+
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter cannot read loop bounds under NumPy {numpy.__version__} "
+                "(int() of a one-element array; fixed in triton 3.7): use NumPy < 2.4 or triton >= 3.7")
+    return None
 
 
 def kernel_module() -> ModuleType:
@@ -58,4 +79,4 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
     if not interpreted():
         return ("tensors are on the CPU but the Triton kernels were imported compiled: set TRITON_INTERPRET=1 "
                 "before triton is first imported")
-    return None
+    return interpreter_defect()

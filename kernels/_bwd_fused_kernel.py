@@ -48,7 +48,7 @@ def _fused_key_block(Q, DO, LSE, WDQ, WDELTA, k, v, sqn, sqd, sdon, sdod, N, qk_
         row_ok = offs_m < N
         dk, dv, dst = _kv_step(dk, dv, k, v, Q, DO, LSE, WDELTA, sqn, sqd, sdon, sdod, offs_m, row_ok, qk_scale,
                                BLOCK_D, DOT_PRECISION)
-        # padded key rows of k are zero, so they add nothing to dq
+        # padded key rows of k are zero and their dS^T is finite (_kv_step bounds P by 1), so they add 0 to dq
         dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION)
         tl.atomic_add(WDQ + offs_m[:, None] * BLOCK_D + offs_d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
     return dk, dv

@@ -11,15 +11,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._fwd_kernels import _virtual_rows
+from ._fwd_kernels import _grid_tile, _virtual_rows
 
 
 @triton.jit
 def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, N,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta = rowsum(o * do) in fp32, the softmax-backward correction term."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _grid_tile(tl.cdiv(N, BLOCK_M))
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -92,8 +91,7 @@ def _bwd_dq_kernel(Q, K, V, BK, BV, BIDX, IK, IV, DO, LSE, DELTA, DQ,
                    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, BANK_SHARED: tl.constexpr,
                    ONE_LOOP: tl.constexpr):
     """One (query block, sample*head): dq over all three key groups (one loop if ONE_LOOP); atomic if ATOMIC."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _grid_tile(tl.cdiv(N, BLOCK_M))
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,13 +136,19 @@ def _bwd_dq_kernel(Q, K, V, BK, BV, BIDX, IK, IV, DO, LSE, DELTA, DQ,
 def _kv_step(dk, dv, k, v, Q, DO, LSE, DELTA, sqn, sqd, sdon, sdod, offs_m, row_ok, qk_scale,
              BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add one query block's P^T do to dv and dS^T q to dk (unscaled) for a loaded key tile k / value tile v
-    [N, D]; also returns dS^T (q's dtype), which the one-pass backward turns into dq."""
+    [N, D]; also returns dS^T (q's dtype), which the one-pass backward turns into dq.
+
+    P = exp2(s - lse) <= 1 for every real key (lse is the row's log-sum-exp), so its exponent is clamped
+    at 0: a padded key row (k = 0, score 0) would otherwise give exp2(-lse), inf once all of a query's
+    scores lie below about -88, and the one-pass backward's dq would get inf * 0 = NaN from its zero k.
+    With P finite there, the padded rows add exactly 0 to dq and their dk/dv rows are never stored.
+    (Masking P by key validity instead costs the paper one-pass kernel 183 -> 254 registers on sm_90.)"""
     offs_d = tl.arange(0, BLOCK_D)
     qt = tl.load(Q + offs_d[:, None] * sqd + offs_m[None, :] * sqn, mask=row_ok[None, :], other=0.0)
     do = tl.load(DO + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
-    pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
+    pt = tl.math.exp2(tl.minimum(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse[None, :], 0.0))
     pt = tl.where(row_ok[None, :], pt, 0.0)
     dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -202,8 +206,7 @@ def _bwd_kv_kernel(Q, K, V, BK, BV, BIDX, IK, IV, DO, LSE, DELTA,
     Bank gradients go to DBK/DBV indexed by bank entry (fp32 atomics, BANK_ATOMIC) or by sample
     (per-sample partials reduced later in a fixed order: the deterministic mode).
     """
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid, pid_bh = _grid_tile(NB_PM + NB_PI + tl.cdiv(S, BLOCK_N))
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     Qb = Q + b * sqb + h * sqh

@@ -20,6 +20,14 @@ MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
 
 
 @triton.jit
+def _grid_tile(blocks):
+    """(block, sample*head) of this program: the host puts both on grid axis x (B*H passes CUDA's 65,535
+    limit of axes y and z), a tile's `blocks` programs adjacent so they run together as on a 2-D grid."""
+    pid = tl.program_id(0)
+    return pid % blocks, pid // blocks
+
+
+@triton.jit
 def _softmax_step(acc, l_i, m_i, q, kt, v, col_ok, qk_scale, DOT_PRECISION: tl.constexpr):
     """Fold one loaded key tile kt [D, N] / value tile v [N, D] into the running online softmax."""
     s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
@@ -93,8 +101,7 @@ def _fwd_kernel(Q, K, V, BK, BV, BIDX, IK, IV, O, LSE,
     ONE_LOOP (every key/value row 16-byte aligned, head-dim stride 1): one key loop over
     [seq | bank | inst], the prompts packed after the last sequence key (243 keys in 256 columns at
     N 211 instead of 16 + 16 + 256); otherwise one loop per group, each with its own block width."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _grid_tile(tl.cdiv(N, BLOCK_M))
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -8,10 +8,6 @@
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +21,7 @@ from mip_dist.losses import MIPLoss
 from mip_dist.model import build_model
 
 from fake_cuda import SyncCounter, fake_cuda_mode, walk_backward
-from conftest import inputs, make_model, small_cfg
+from conftest import inputs, make_model, run_probe, small_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 SYSU_CLASSES, SYSU_CAMERAS = 395, 6
@@ -61,6 +57,10 @@ def test_paper_model_trains_on_fake_cuda_in_bf16(impl):
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_model_loss_and_kernel_make_no_host_syncs(impl, monkeypatch):
+    if impl == "triton":
+        from test_kernel_cuda_order import skip_unless_cpu_kernels
+
+        skip_unless_cpu_kernels()
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton on CPU tensors runs interpreted
     cfg = small_cfg("tiny.yaml")
     model = make_model(cfg, impl).train()
@@ -128,6 +128,7 @@ def test_train_step_collective_runs_on_the_nccl_device(monkeypatch):
     t.loss_fn, t.epoch, t._stop, t.bad_in_row = MIPLoss(cfg.loss), 0, False, 0
     t.timer, t.window, t.micro_per_epoch, t.accum = StepTimer(), {}, 10, 1
     t.clip_here = trainer_module.clips_in_trainer(cfg.train.precision, cfg.train.zero_stage)  # fp32: clips here
+    t.ds_stage = 0  # fp32 without ZeRO: DeepSpeed stage 0
     with fake_cuda_mode():
         model = model.to("cuda")
         t.engine, t.device, t.dtype = _StubEngine(model), torch.device("cuda", 0), torch.float32
@@ -146,14 +147,7 @@ def test_one_trainer_step_reads_the_host_once(tmp_path):
     device->host read once each."""
     from test_train_distributed import make_tiny_shards
 
-    overrides = make_tiny_shards(tmp_path)
-    script = tmp_path / "probe.py"
-    script.write_text(_STEP_PROBE)
-    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
-    r = subprocess.run([sys.executable, str(script), json.dumps(overrides)], cwd=REPO, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": path})
-    assert r.returncode == 0, r.stderr[-4000:]
-    steps = json.loads(r.stdout.strip().splitlines()[-1])
+    steps = run_probe(_STEP_PROBE, tmp_path, make_tiny_shards(tmp_path))
     for ops, reads in steps[1:]:
         assert ops == [] and reads == 1, steps
 

@@ -7,6 +7,7 @@ Tolerance rule (flash-attention's): |kernel - ref64| <= 2 |torch same dtype - re
 """
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass
 from typing import Optional
@@ -16,15 +17,22 @@ import torch
 
 from mip_dist.kernels import _backend, prompt_attention, prompt_attention_math
 
+from test_kernel_cuda_order import skip_unless_cpu_kernels
+
 # the kernels run where this process's Triton can run them: compiled on a GPU, else interpreted on the CPU
 DEVICES = ["cuda"] if torch.cuda.is_available() and not _backend.interpreter_requested() else ["cpu"]
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture
-def interpret():
-    """CPU runs need the interpreter chosen before triton was imported (tests/conftest.py does it)."""
-    if DEVICES == ["cpu"] and not (_backend.interpreter_requested() and _backend.interpreted()):
+def interpret(request):
+    """CPU runs need the interpreter chosen before triton was imported (tests/conftest.py does it on a CPU-only
+    machine); in a CUDA process, whose kernels run compiled, they skip (a test without a device runs on CPU)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("device", "cpu") != "cpu":
+        return
+    skip_unless_cpu_kernels()
+    if not (_backend.interpreter_requested() and _backend.interpreted()):
         pytest.fail("the CPU kernel tests need TRITON_INTERPRET=1 set before triton is imported")
 
 
@@ -385,3 +393,65 @@ def test_every_autotune_candidate_computes_the_same_attention(pick, device, monk
     original = mod.backward
     monkeypatch.setattr(mod, "backward", lambda *args: original(*args, fused=False))
     check_case(block, device)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["one-pass", "3-launch"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_scores_far_below_zero_give_finite_gradients(device, fused, interpret, monkeypatch):
+    """Every score of a row near -200 (lse2 < -128): a padded key row's exp2(0 - lse2) overflows to inf, and
+    inf times its zero k row is NaN in dq unless P stays finite there (20 keys in a 32-wide key block)."""
+    mod = _backend.kernel_module()
+    original = mod.backward
+    monkeypatch.setattr(mod, "backward", lambda *args: original(*args, fused=fused))
+    B, H, N, S, D = 2, 2, 10, 20, 32
+    g = torch.Generator().manual_seed(11)
+    u = torch.full((D,), D ** -0.5)
+    a = (200.0 / D ** -0.5) ** 0.5  # q . k * scale = -a^2 * scale = -200 (base 2: about -289)
+    x = dict(q=(a * u + 0.1 * torch.randn(B, H, N, D, generator=g)).to(device),
+             k=(-a * u + 0.1 * torch.randn(B, H, S, D, generator=g)).to(device),
+             v=torch.randn(B, H, S, D, generator=g).to(device))
+    do = torch.randn(B, H, N, D, generator=g).to(device)
+    got = run(prompt_attention, x, do, impl="triton")
+    want = run(prompt_attention, x, do, impl="torch")
+    for name, t in want.items():
+        assert torch.isfinite(t).all(), f"the reference {name} is not finite"
+        bad = (~torch.isfinite(got[name])).sum().item()
+        assert bad == 0, f"{name}: {bad} of {t.numel()} entries not finite"
+        torch.testing.assert_close(got[name], t, rtol=1e-4, atol=1e-4)
+
+
+CUDA_GRID_X_MAX = 2**31 - 1
+CUDA_GRID_YZ_MAX = 65_535
+
+
+def _grid_ok(grid: tuple) -> bool:
+    """Within CUDA's launch limits: axis x up to 2**31 - 1, axes y and z up to 65,535."""
+    return 1 <= len(grid) <= 3 and grid[0] <= CUDA_GRID_X_MAX and all(g <= CUDA_GRID_YZ_MAX for g in grid[1:])
+
+
+@pytest.mark.parametrize("tiles", [1, 65_535, 65_536, 12 * 8192])
+def test_grid_helpers_put_samples_times_heads_on_axis_x(tiles):
+    """B*H past 65,535 (a batch of 8192 at 12 heads) fits: the tile count multiplies axis x only."""
+    mod = _backend.kernel_module()
+    for grid, blocks in ((mod.query_grid(tiles, 211, 64), 4), (mod.tile_grid(tiles, 6), 6)):
+        assert _grid_ok(grid), grid
+        assert math.prod(grid) == tiles * blocks, grid
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["one-pass", "3-launch"])
+def test_launches_at_more_than_65535_samples_times_heads_fit_the_grid_limits(fused):
+    """Every launch the host makes at B*H = 66,000 (kernels stubbed: the grids only) stays within CUDA's grid
+    limits and gives every (sample, head) tile a program."""
+    from mip_dist.kernels import _introspect
+
+    mod = _backend.kernel_module()
+    case = dict(B=33_000, H=2, N=1, S=3, D=16, M=2, Pm=2, Pi=1, broadcast_q=False, indexed=True)
+    launches = _introspect.record_launches(mod, case, dtype=torch.float32, fused=fused)
+    names = [launch.name for launch in launches]
+    assert names == (["_fwd_kernel", "_bwd_fused_kernel"] if fused else
+                     ["_fwd_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel", "_bwd_kv_kernel"])
+    for launch in launches:
+        grid = launch.grid(launch.kwargs) if callable(launch.grid) else launch.grid
+        assert _grid_ok(grid), f"{launch.name}: grid {grid} exceeds CUDA's limits"
+        if launch.name != "_bwd_fused_kernel":  # the one-pass backward is persistent: programs loop over tiles
+            assert math.prod(grid) >= 33_000 * 2, (launch.name, grid)

@@ -7,6 +7,8 @@ import torch
 import mip_dist.kernels as kernels
 from mip_dist.kernels import check_inputs, prompt_attention, prompt_attention_math, resolve_impl
 
+from test_kernel_cuda_order import skip_unless_cpu_kernels
+
 
 def inputs(B=2, H=2, N=5, S=7, M=2, Pm=3, Pi=4, D=32, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
@@ -43,14 +45,20 @@ def test_auto_on_cpu_without_interpreter_uses_torch(spy, monkeypatch):
     torch.testing.assert_close(o, prompt_attention_math(**x))
 
 
-def test_auto_never_picks_the_interpreter_but_triton_may_use_it(spy, monkeypatch):
+def test_auto_never_picks_the_interpreter(spy, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by every subprocess a CPU test session starts
     x = inputs()
     o = prompt_attention(**x)
     assert spy == ["torch"]  # the interpreter is orders of magnitude slower than PyTorch on a CPU
     torch.testing.assert_close(o, prompt_attention_math(**x))
+
+
+def test_forced_triton_runs_interpreted_on_cpu(spy, monkeypatch):
+    skip_unless_cpu_kernels()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = inputs()
     torch.testing.assert_close(prompt_attention(**x, impl="triton"), prompt_attention_math(**x))
-    assert spy == ["torch", "triton"]
+    assert spy == ["triton"]
 
 
 def test_auto_falls_back_to_torch_for_what_triton_lacks(spy, monkeypatch):
@@ -135,6 +143,7 @@ def test_bad_scale(scale):
 
 
 def test_explicit_scale_is_used(monkeypatch):
+    skip_unless_cpu_kernels()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x = inputs()
     want = prompt_attention_math(**x, scale=0.3)
@@ -154,3 +163,27 @@ def test_one_entry_bank_needs_no_index():
     x = _with(bank_k=inputs()["bank_k"][:1], bank_v=inputs()["bank_v"][:1], bank_index=None)
     want = prompt_attention_math(**{**x, "bank_index": torch.zeros(2, dtype=torch.long)})
     torch.testing.assert_close(prompt_attention(**x, impl="torch"), want)
+
+
+def test_an_interpreter_that_cannot_run_the_kernels_is_a_clear_error(monkeypatch):
+    """triton < 3.7 under NumPy >= 2.4 fails inside the interpreter (int() of a one-element array): a forced
+    impl='triton' on CPU tensors says so up front; auto keeps taking the PyTorch path."""
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    from mip_dist.kernels import _backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.0")
+    _backend.interpreter_defect.cache_clear()
+    monkeypatch.setattr(_backend, "interpreted", lambda: True)  # as in the CPU session: not the check here
+    try:
+        with pytest.raises(ValueError, match="triton 3.6.0's interpreter cannot read loop bounds under NumPy 2.4.0"):
+            prompt_attention(**inputs(), impl="triton")
+        torch.testing.assert_close(prompt_attention(**inputs()), prompt_attention_math(**inputs()))
+        monkeypatch.setattr(numpy, "__version__", "2.3.5")
+        _backend.interpreter_defect.cache_clear()
+        assert _backend.interpreter_defect() is None
+    finally:
+        _backend.interpreter_defect.cache_clear()

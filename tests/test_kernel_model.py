@@ -14,6 +14,8 @@ import torch
 from mip_dist.config import load_config
 from mip_dist.model import build_model
 
+from test_kernel_cuda_order import skip_unless_cpu_kernels
+
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = 1e-4  # relative (norm) error; float32 end to end
@@ -54,6 +56,7 @@ def run(model, impl: str, images, modality, camera) -> tuple[dict, dict, torch.T
 @pytest.mark.parametrize("device", DEVICES)
 def test_tiny_model_triton_matches_concat(device, modality, deterministic, monkeypatch):
     if device == "cpu":
+        skip_unless_cpu_kernels()
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # the real kernels, interpreted
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # compiled
