@@ -203,3 +203,14 @@ def test_training_shards_hold_identity_chunks(tmp_path):
                 counted.setdefault(str(m["label"]), [0, 0])[m["modality"]] += 1
         assert shard["identities"] == counted
     assert labels_seen == set(range(index["num_classes"]))
+
+
+def test_write_progress_counts_images_and_padding_copies_apart(tmp_path, capsys):
+    """The bar ends at images/images with the padding copies beside it (it read 1398img of 1063 before)."""
+    root = make_sysu(tmp_path / "sysu")
+    index = write_shards("sysu", str(root), str(tmp_path / "out"), workers=1, progress=True, chunk_instances=4)
+    images = sum(index["counts"][split]["total"] for split in ("train", "test"))
+    samples = sum(s["count"] for s in index["shards"])
+    assert samples > images  # the fixture pads: the case the bar got wrong
+    final = [part for part in capsys.readouterr().err.split("\r") if "writing shards" in part][-1]
+    assert f"{images}/{images}" in final and f"padding_copies={samples - images}" in final, final

@@ -210,9 +210,34 @@ def _repeat_of(item: Item, repeat: int) -> Item:
     return Item(item.src, item.ext, {**item.meta, "key": repeat_key(item.meta["key"], repeat)})
 
 
+def _distinct_images(items: list[Item]) -> int:
+    """Items that are images of the dataset, not chunk-padding copies (key `key~n`)."""
+    return sum(image_key(it.meta["key"]) == it.meta["key"] for it in items)
+
+
+class _WriteProgress:
+    """The shard writer's bar: dataset images against their total, padding copies counted beside them."""
+
+    def __init__(self, images: int, enabled: bool) -> None:
+        self.bar = tqdm(total=images, desc="writing shards", unit="img", disable=not enabled)
+        self.copies = 0
+
+    def wrote(self, items: list[Item]) -> None:
+        """One shard written: advance by its distinct images, report its padding copies."""
+        distinct = _distinct_images(items)
+        self.copies += len(items) - distinct
+        self.bar.update(distinct)
+        if self.copies:
+            self.bar.set_postfix(padding_copies=self.copies)
+
+    def close(self) -> None:
+        """Finish the bar (at 100%: every image counted once)."""
+        self.bar.close()
+
+
 def _train_counts(items: list[Item]) -> dict:
     """index.json's counts for a train shard: distinct images (not chunk-padding copies) and identities."""
-    return {"images": sum(image_key(it.meta["key"]) == it.meta["key"] for it in items),
+    return {"images": _distinct_images(items),
             "identities": _identities(items)}
 
 
@@ -258,17 +283,17 @@ def _plan_and_write(dataset: str, root: str, out_dir: Path, kept: list[Record], 
             groups.append((split, f"{split}-{i:06d}.tar", grp))
 
     results: dict[str, tuple[str, int, str, int]] = {}
-    bar = tqdm(total=len(kept), desc="writing shards", unit="img", disable=not progress)
+    progress_bar = _WriteProgress(len(kept), progress)
     if pool is None:
         for _, name, grp in groups:
             results[name] = _write_one_shard(str(out_dir / name), grp)
-            bar.update(len(grp))
+            progress_bar.wrote(grp)
     else:
         futures = {pool.submit(_write_one_shard, str(out_dir / name), grp): name for _, name, grp in groups}
         for fut, name in futures.items():
             results[name] = fut.result()
-            bar.update(results[name][1])
-    bar.close()
+            progress_bar.wrote(next(g for _, n, g in groups if n == name))
+    progress_bar.close()
     shards = [{"name": name, "split": split, "count": results[name][1], "sha256": results[name][2],
                "bytes": results[name][3],
                **(_train_counts(grp) if split == "train" else {})}
