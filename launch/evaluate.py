@@ -12,19 +12,25 @@ The checkpoint is the consolidated fp32 file the trainer exports ({"model", "con
 used; with one, the model sections must agree. Under torchrun / deepspeed / accelerate (WORLD_SIZE > 1)
 every rank extracts a share of the test set and rank 0 writes the outputs.
 
-Every pair is checked (checkpoint readable, config, index.json, RegDB split of the checkpoint vs the
-shards) before any feature is extracted. Errors: one `error:` line naming the file, key or value
-and exit code 2; the traceback only with --debug or MIP_DEBUG=1.
+Every pair is checked (checkpoint readable, config, index.json, protocols vs the shards' dataset, RegDB
+split of the checkpoint vs the shards) before any feature is extracted. Errors: one `error:` line naming
+the file, key or value and exit code 2; the traceback only with --debug or MIP_DEBUG=1. key=value
+overrides may follow --protocol's names. Progress (a bar on a terminal, else a line every 10 s, and a
+line per protocol setting) goes to stderr. One dataset of a multi-dataset model (--dataset NAME), or a
+--cross-dataset test set (named by its shard folder), writes results_<name>.json, cmc_<name>.png and
+figures named with <name>, so evaluating another dataset into the same folder keeps this one's files.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
@@ -32,6 +38,7 @@ from mip_dist.cli import debug_requested, report_error
 from mip_dist.config import Config, ConfigError, from_dict, load_config, to_dict
 from mip_dist.data.shards import ShardError
 from mip_dist.engine.export import load_exported
+from mip_dist.engine.run_checks import protocol_misfit
 from mip_dist.engine.safe_load import CheckpointError
 from mip_dist.eval.protocols import PROTOCOL_NAMES, ProtocolError
 
@@ -73,7 +80,25 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--debug", action="store_true", help="print the traceback of an error (also MIP_DEBUG=1)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides such as eval.trials=3 data.shards=/path")
-    return p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
+    return split_protocol_overrides(args, sys.argv[1:] if argv is None else argv, p)
+
+
+def split_protocol_overrides(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser
+                             ) -> argparse.Namespace:
+    """`--protocol sysu data.shards=X` reads X as an override: --protocol takes several values and would
+    otherwise swallow every key=value after it. Overrides keep their command-line order."""
+    if args.protocol is None:
+        return args
+    moved = [p for p in args.protocol if "=" in p]
+    args.protocol = [p for p in args.protocol if "=" not in p]
+    if not args.protocol:
+        parser.error("--protocol: give at least one protocol name before the key=value overrides "
+                     f"(choose from {', '.join(PROTOCOL_NAMES)})")
+    if moved:
+        position = {a: i for i, a in reversed(list(enumerate(argv)))}
+        args.overrides = sorted(moved + list(args.overrides), key=lambda a: position.get(a, len(argv)))
+    return args
 
 
 def resolve_config(config_path: Optional[str], overrides: list[str], blob: dict, ckpt_path: str) -> Config:
@@ -162,6 +187,13 @@ class Job(NamedTuple):
     cfg: Config
     index: dict
     camera_offset: int = 0  # where the test shards' cameras start in the model's camera table
+    name: str = ""  # names this test set's output files (results_<name>.json); "" for the model's own
+
+    @property
+    def split(self) -> Optional[int]:
+        """The RegDB split the test shards hold (index.json), None for other datasets."""
+        held = self.index.get("regdb_split") if self.index.get("dataset") == "regdb" else None
+        return int(held) if held is not None else None
 
 
 def trained_dataset(blob: dict, name: Optional[str], ckpt_path: str) -> tuple[Optional[str], int, Optional[str]]:
@@ -233,13 +265,26 @@ def prepare(args: argparse.Namespace, ckpt: str, shards: Optional[str]) -> Job:
         raise EvalError(f"data.shards: no index.json at {index_path} (write the test shards first, or pass "
                         "data.shards=/path/to/shards or --shards)")
     index = read_index(cfg.data.shards)
+    check_protocols(protocols, index, cfg.data.shards, "--protocol" if args.protocol else
+                    "data.shards protocol" if own_protocol else f"eval.protocols (saved in {ckpt})")
+    if cfg.data.dataset == "auto":
+        cfg.data.dataset = str(index.get("dataset"))
     check_trained_split(blob, index, ckpt, cfg.data.shards)
-    return Job(ckpt, blob, cfg, index, camera_offset)
+    name = args.dataset or (Path(cfg.data.shards).name if args.cross_dataset else "")
+    return Job(ckpt, blob, cfg, index, camera_offset, name)
+
+
+def check_protocols(protocols: list[str], index: dict, shards: str, source: str) -> None:
+    """Every protocol fits the test shards' dataset (index.json), checked before the model is built."""
+    misfit = protocol_misfit(list(protocols), str(index.get("dataset")))
+    if misfit:
+        raise EvalError(f"{source}: {misfit} ({shards}); pass --protocol with one of those")
 
 
 def visualize(model: torch.nn.Module, cfg: Config, index: dict, feats: torch.Tensor, keys: list[str],
-              out: Path, device: torch.device) -> list[Path]:
-    """Rank lists and worst-AP queries of every headline setting, t-SNE of instance prompts, CLS-attention pairs."""
+              out: Path, device: torch.device, name: str = "") -> list[Path]:
+    """Rank lists and worst-AP queries of every setting (one figure each, named after it), t-SNE of instance
+    prompts, CLS-attention pairs; file names carry `name` for a named test set."""
     from mip_dist.data.stream import build_test_loader
     from mip_dist.eval import visualize as vis
     from mip_dist.eval.metrics import pairwise_distance
@@ -249,22 +294,19 @@ def visualize(model: torch.nn.Module, cfg: Config, index: dict, feats: torch.Ten
         """A fresh single-process pass over the test shards (each figure reads what it needs)."""
         return build_test_loader(cfg.data, rank=0, world_size=1, batch_size=cfg.eval.batch_size)
 
-    written = []
+    prefix = f"{name}_" if name else ""
     row = {k: i for i, k in enumerate(keys)}
     recs = index["test_records"]
-    settings = [s for s in build_settings(index, cfg.eval.protocols, trials=1) if s.headline]
+    settings = build_settings(index, cfg.eval.protocols, trials=1)
     lists = {s.name: vis.rank_lists(feats, row, recs, s, num_queries=8) for s in settings}
     wanted = {k for rl in lists.values() for k in vis.keys_in(rl)}
     images = vis.collect_images(loader(), wanted)
-    for name, rl in lists.items():
-        written.append(vis.plot_rank_lists(rl["sample"], images, out / f"ranklist_{name}.png",
-                                           title=f"{name}: sample queries (trial 0)"))
-        written.append(vis.plot_rank_lists(rl["worst"], images, out / f"worst_ap_{name}.png",
-                                           title=f"{name}: lowest average precision (trial 0)"))
+    written = vis.rank_list_figures(lists, images, settings, recs, out, prefix=prefix)
     emb = vis.instance_prompt_embedding(model, loader(), device=device)
     if emb is not None:
-        written.append(vis.plot_tsne(emb["embedding"], emb["pid"], emb["modality"], out / "tsne_instance_prompts.png"))
-    setting = settings[0]
+        written.append(vis.plot_tsne(emb["embedding"], emb["pid"], emb["modality"],
+                                     out / f"tsne_instance_prompts{'_' + name if name else ''}.png"))
+    setting = next(s for s in settings if s.headline)
     query, gallery = setting.trial_query(0), setting.galleries[0]
     q_rows = [row[recs[i]["key"]] for i in query]
     g_rows = [row[recs[i]["key"]] for i in gallery]
@@ -274,12 +316,14 @@ def visualize(model: torch.nn.Module, cfg: Config, index: dict, feats: torch.Ten
     wanted.update({recs[gallery[g]]["key"]: None for _, g, _ in pairs})
     images = vis.collect_images(loader(), wanted)
     triples = [(images[recs[query[q]]["key"]], images[recs[gallery[g]]["key"]], ok) for q, g, ok in pairs]
-    written.append(vis.plot_attention_pairs(model, triples, out / f"attention_{setting.name}.png", device=device))
+    written.append(vis.plot_attention_pairs(model, triples, out / f"attention_{prefix}{setting.name}.png",
+                                            device=device))
     return written
 
 
 def evaluate_job(job: Job, args: argparse.Namespace, out: Path, world: tuple[int, int, torch.device]) -> dict:
-    """Extract features once, run every setting, and (rank 0) print the table and write results.json and figures."""
+    """Extract features once, run every setting, and (rank 0) print the table and write results.json
+    (results_<name>.json for a named test set) and figures."""
     from mip_dist.data.stream import build_test_loader
     from mip_dist.engine.evaluator import default_dtype, evaluate_features, extract_features
     from mip_dist.eval.report import format_table, write_results
@@ -288,19 +332,26 @@ def evaluate_job(job: Job, args: argparse.Namespace, out: Path, world: tuple[int
     cfg, index = job.cfg, job.index
     model = build_and_load(cfg, job.blob, index, job.checkpoint, job.camera_offset,
                            args.cross_dataset).to(device).eval()
+    images = len(index.get("test_records") or [])
+    if rank == 0:
+        print(f"evaluating {job.checkpoint} on {cfg.data.shards} ({index.get('dataset')}, {images} test images, "
+              f"protocols {', '.join(cfg.eval.protocols)}) on {device}, {world_size} rank(s)", flush=True)
     t0 = time.perf_counter()
     loader = build_test_loader(cfg.data, rank=rank, world_size=world_size, batch_size=cfg.eval.batch_size)
     feats, keys = extract_features(model, loader, device=device, flip=cfg.eval.flip, dtype=default_dtype(device),
-                                   distributed=world_size > 1, camera_offset=job.camera_offset)
+                                   distributed=world_size > 1, camera_offset=job.camera_offset,
+                                   total=-(-images // world_size))
     results = evaluate_features(feats, keys, index, cfg.eval.protocols, trials=cfg.eval.trials,
                                 max_rank=cfg.eval.max_rank, rerank=cfg.eval.rerank, device=device)
     if rank != 0:
         return results
     meta = split_meta(job, args, device, world_size, len(keys), time.perf_counter() - t0)
     print(format_table(results))
-    written = write_results(results, out, meta, title=f"CMC - {index.get('dataset')}")
+    title = f"CMC - {job.name or index.get('dataset')}"
+    written = write_results(results, out, meta, title=title, name=job.name)
     if args.visualize:
-        written += visualize(model, cfg, index, feats, keys, out, device)
+        print("drawing figures (--visualize)", flush=True)
+        written += visualize(model, cfg, index, feats, keys, out, device, job.name)
     print("\n".join(f"wrote {p}" for p in written))
     return results
 
@@ -327,41 +378,71 @@ def _default_out(checkpoints: list[str]) -> Path:
     return Path(os.path.commonpath([str(Path(c).resolve().parent) for c in checkpoints])) / "eval_splits"
 
 
-def split_folder(out: Path, number: int, job: Job) -> Path:
-    """Where split `number` (1-based) writes its own results: splitNN_<run folder name>."""
-    return out / f"split{number:02d}_{Path(job.checkpoint).resolve().parent.name}"
+def split_folders(out: Path, jobs: list[Job]) -> list[Path]:
+    """Where each model writes its own results: splitNN_<run folder>, NN the RegDB split its test shards hold
+    (index.json; the position in the list for other datasets), made unique if two share a name."""
+    folders: list[Path] = []
+    for position, job in enumerate(jobs, 1):
+        number = job.split if job.split is not None else position
+        folder = out / f"split{number:02d}_{Path(job.checkpoint).resolve().parent.name}"
+        folders.append(folder.with_name(f"{folder.name}_{position}") if folder in folders else folder)
+    return folders
 
 
 def run(args: argparse.Namespace) -> dict:
     """Everything after argument parsing; raises EvalError / ConfigError / ProtocolError for user mistakes."""
-    from mip_dist.eval.report import aggregate_splits, format_table, write_aggregate
+    from mip_dist.eval.report import aggregate_splits, format_table, results_filename, splits_label, write_aggregate
 
     jobs = [prepare(args, ckpt, shards) for ckpt, shards in model_pairs(args)]  # every check before extraction
     rank, world_size, device = _init_process_group(args.device, args.local_rank)
     out = Path(args.out) if args.out else _default_out([j.checkpoint for j in jobs])
     if len(jobs) == 1:
         return evaluate_job(jobs[0], args, out, (rank, world_size, device))
+    if all(j.split is not None for j in jobs):
+        jobs.sort(key=lambda j: j.split)  # split 2 before split 10, whatever the glob's order
+    folders = split_folders(out, jobs)
+    label = splits_label([j.split for j in jobs])
     per_split = []
-    for i, job in enumerate(jobs, 1):
-        split_out = split_folder(out, i, job)
+    for i, (job, folder) in enumerate(zip(jobs, folders), 1):
         if rank == 0:
-            print(f"== {i}/{len(jobs)}: {job.checkpoint} on {job.cfg.data.shards}")
-        per_split.append(evaluate_job(job, args, split_out, (rank, world_size, device)))
-    aggregate = aggregate_splits(per_split)
+            which = f"split {job.split}" if job.split is not None else f"model {i}"
+            print(f"== {which} ({i}/{len(jobs)}): {job.checkpoint} on {job.cfg.data.shards}", flush=True)
+        per_split.append(evaluate_job(job, args, folder, (rank, world_size, device)))
+    aggregate = aggregate_splits(per_split, label)
     if rank == 0:
-        print(f"== mean ± std over {len(jobs)} splits")
+        print(f"== {label.replace('mean over', 'mean ± std over', 1)}")
         print(format_table(aggregate))
-        metas = [dict(pair_meta(j, args), results=str(split_folder(out, i, j) / "results.json"))
-                 for i, j in enumerate(jobs, 1)]
-        print(f"wrote {write_aggregate(per_split, aggregate, metas, out)}")
+        metas = [dict(pair_meta(j, args), results=str(f / results_filename(j.name))) for j, f in zip(jobs, folders)]
+        print(f"wrote {write_aggregate(per_split, aggregate, metas, out, name=jobs[0].name, label=label)}")
     return aggregate
+
+
+@contextlib.contextmanager
+def progress_lines(enabled: bool) -> Iterator[None]:
+    """The library's INFO lines (extraction progress, each protocol setting) on stderr while the command
+    runs, rank 0 only; removed afterwards so a calling program's logging is left as it was."""
+    logger = logging.getLogger("mip_dist")
+    if not enabled:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: 0 on success, 2 with a one-line message for any error (traceback with --debug)."""
     args = parse_args(argv)
     try:
-        run(args)
+        with progress_lines(int(os.environ.get("RANK", "0")) == 0):
+            run(args)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
         known = (EvalError, CheckpointError, ConfigError, ProtocolError, ShardError)
         return report_error(exc, debug_requested(args.debug), known=known)

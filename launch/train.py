@@ -20,8 +20,8 @@ from mip_dist.demo.ablation import AblationError, run_ablation
 from mip_dist.demo.prepare import check_synthetic_targets, needs_synthetic_data, prepare_synthetic
 from mip_dist.demo.resume import unfinished_demo_run
 from mip_dist.engine.checkpoint import CheckpointError, CheckpointWriteError
-from mip_dist.engine.distributed import init_distributed, shutdown
-from mip_dist.engine.run_checks import check_data_for_run, check_run_inputs
+from mip_dist.engine.distributed import LaunchEnvError, init_distributed, shutdown, slurm_env
+from mip_dist.engine.run_checks import check_data_for_run, check_run_inputs, resolve_dataset
 from mip_dist.engine.trainer import RunDirError, Trainer, TrainingDiverged
 from mip_dist.eval.report import format_table
 
@@ -92,6 +92,10 @@ def report(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, validate, prepare, train, report; returns the process exit code."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:  # plain `srun`: RANK, WORLD_SIZE, ... from SLURM's variables before anything reads them
+        os.environ.update(slurm_env())
+    except LaunchEnvError as exc:
+        return report_error(exc, debug_requested(args.debug), known=(LaunchEnvError,))
     debug, rank, world_size = debug_requested(args.debug), int(os.getenv("RANK", "0")), int(os.getenv("WORLD_SIZE", 1))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ablation:
             print(run_ablation([sys.executable, __file__], str(path), args.overrides))
             return 0
-        cfg = load_config(path, args.overrides)
+        cfg = resolve_dataset(load_config(path, args.overrides))  # data.dataset auto: from index.json
         if args.config is None and args.resume is None:  # the demo: never overwrite, continue if cut off
             args.resume = unfinished_demo_run(cfg.train.output_dir)
         preflight(cfg, world_size, args.resume)

@@ -114,7 +114,7 @@ def regdb_split2_shards(tmp_path_factory) -> Path:
 def _regdb_checkpoint(path: Path, split: int, shards: Path) -> Path:
     """An exported-model file whose saved config says RegDB split `split` (weights never read here)."""
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["data.dataset=regdb", f"data.regdb_split={split}",
-                                                      f"data.shards={shards}"])
+                                                      f"data.shards={shards}", "eval.protocols=[regdb]"])
     torch.save({"model": {}, "config": to_dict(cfg), "num_classes": 3, "num_cameras": 2}, path)
     return path
 

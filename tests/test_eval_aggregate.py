@@ -78,10 +78,10 @@ def test_evaluate_cli_several_pairs_writes_per_split_and_aggregate(tmp_path, reg
         runs.append(run)
     out = tmp_path / "agg"
     assert cli.main(["--runs", str(tmp_path / "regdb_run*"), "--out", str(out), "--device", "cpu"]) == 0
-    assert [s[0] for s in seen] == ["model_best.pt"] * 3 and [s[2] for s in seen] == [
-        "split01_regdb_run1", "split02_regdb_run2", "split03_regdb_run3"]
+    assert [s[0] for s in seen] == ["model_best.pt"] * 3 and [s[2] for s in seen] == [  # named by the split held
+        "split02_regdb_run1", "split02_regdb_run2", "split02_regdb_run3"]
     printed = capsys.readouterr().out
-    assert "mean ± std over 3 splits" in printed and "83.33 ± 2.49" in printed
+    assert "mean ± std over splits 2, 2, 2 (n=3)" in printed and "83.33 ± 2.49" in printed
     doc = json.loads((out / "results.json").read_text())
     assert [s["results"]["visible_to_thermal"]["R1"] for s in doc["splits"]] == [80, 84, 86]
     assert doc["splits"][0]["meta"]["checkpoint"] == str((runs[0] / "model_best.pt").resolve())

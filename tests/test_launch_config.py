@@ -133,3 +133,12 @@ def test_unknown_config_file_and_no_demo_config(tmp_path):
     assert args.local_rank == 1 and args.resume == "auto" and args.overrides == ["optim.lr=0.1"]
     assert train_entry.parse_args([]).config is None  # optional: defaults to the demo config
     assert train_entry.DEMO_CONFIG.is_file() and train_entry.ABLATION_CONFIG.is_file()
+
+
+def test_bad_srun_variable_fails_in_one_line_before_anything_else(tmp_path):
+    """Under srun the SLURM variables are read first: a bad one is named before the config is even checked."""
+    srun = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "x", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+            "SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "localhost"}
+    r = _train(["--config", "configs/tiny.yaml", "model.num_heads=5", f"train.output_dir={tmp_path}"], srun)
+    assert r.returncode == 2 and r.stderr.strip() == "error: SLURM_PROCID='x' is not an integer", r.stderr
+    assert not any(tmp_path.iterdir())

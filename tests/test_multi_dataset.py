@@ -126,7 +126,7 @@ def test_two_datasets_train_in_one_run_and_evaluate_each(two_datasets):
     out = root / "eval_b"
     assert cli.main(["--checkpoint", str(run_dir / "model_final.pt"), "--dataset", "b", "--out", str(out),
                      "eval.trials=2", "--device", "cpu"]) == 0
-    again = json.loads((out / "results.json").read_text())["results"]
+    again = json.loads((out / "results_b.json").read_text())["results"]
     assert again["all_single/mAP"] == pytest.approx(results["b/all_single/mAP"], abs=1e-6)
     assert blob["datasets"][1] == {"name": "b", "path": str(folders[1]), "protocol": "sysu", "dataset": "synthetic",
                                    "camera_offset": 6, "num_cameras": 6}

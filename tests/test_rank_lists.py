@@ -21,7 +21,8 @@ def _strip_counts(png, col: int, row: int, cols: int, rows: int) -> tuple[int, i
     """(pure green, pure red) pixel counts inside cell (row, col) of the fixed grid."""
     img = np.asarray(Image.open(png).convert("RGB"))
     h, w = img.shape[:2]
-    cell = img[int(row * h / rows): int((row + 1) * h / rows), int(col * w / cols) + 3: int((col + 1) * w / cols) - 3]
+    left, bottom, width, height = vis.rank_list_cell_box(row, col, rows, cols)
+    cell = img[int((1 - bottom - height) * h) - 2: int((1 - bottom) * h) + 2, int(left * w) + 1: int((left + width) * w) - 1]
     flat = cell.reshape(-1, 3)
     return int(np.all(flat == GREEN, axis=1).sum()), int(np.all(flat == RED, axis=1).sum())
 

@@ -133,7 +133,8 @@ class ShardSource:
 class DataConfig:
     """Where the shards come from and how cross-modality PK batches are formed."""
 
-    dataset: Literal["synthetic", "sysu", "regdb", "llcm"] = "synthetic"
+    # auto: the dataset data.shards' index.json names (set at start-up, before the config is saved)
+    dataset: Literal["auto", "synthetic", "sysu", "regdb", "llcm"] = "auto"
     root: str = ""  # dataset tree (for make_shards / demo generation)
     shards: Union[str, list[ShardSource]] = ""  # shard folder (index.json), or a list of datasets (ShardSource)
     train_urls: str = ""  # overrides shards: brace pattern, http(s):// or pipe:

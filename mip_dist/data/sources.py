@@ -63,6 +63,14 @@ def _index_dir_for(data_cfg: DataConfig, urls: list[str]) -> str:
     return ""
 
 
+def single_index_dir(data_cfg: DataConfig) -> str:
+    """The folder whose index.json describes a one-dataset run ("" when none is known), read before the checks."""
+    if data_cfg.train_urls:
+        return _index_dir_for(data_cfg, expand_urls(data_cfg.train_urls))
+    sources = data_cfg.sources()
+    return sources[0].path if len(sources) == 1 and not data_cfg.multi_dataset else ""
+
+
 def _resolve(name: str, path: str, weight: float, urls: list[str], index: Optional[dict], label_offset: int,
              camera_offset: int) -> ResolvedSource:
     """One source's record; the offsets place it after the sources before it."""

@@ -1,12 +1,16 @@
-"""Process-group setup for any launcher (python, deepspeed, accelerate/torchrun) and small collectives."""
+"""Process-group setup for any launcher (python, deepspeed, accelerate/torchrun, SLURM's srun) and small
+collectives."""
 from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -48,9 +52,92 @@ def resolve_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+class LaunchEnvError(RuntimeError):
+    """A launcher variable is missing or malformed: the user's (or cluster's) to fix, reported in one line."""
+
+
+def _slurm_int(environ: Mapping[str, str], name: str) -> int:
+    """A SLURM count or id as an int, or a one-line error naming the variable."""
+    value = environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchEnvError(f"{name}={value!r} is not an integer") from None
+
+
+def first_slurm_host(nodelist: str, var: str = "SLURM_JOB_NODELIST") -> str:
+    """The first host of a SLURM nodelist ('node[01-03],gpu5' -> 'node01') without asking SLURM: each
+    bracket keeps its first name, then the list is cut at its first comma."""
+    first = re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", nodelist.strip()).split(",")[0]
+    if not first or "[" in first or "]" in first:
+        raise LaunchEnvError(f"{var}={nodelist!r} is not a SLURM host list")
+    return first
+
+
+def slurm_master_addr(nodelist: str, var: str = "SLURM_JOB_NODELIST") -> str:
+    """Rank 0's host (SLURM starts task 0 on the first node): `scontrol show hostnames` where it answers
+    within seconds (it knows every form SLURM writes), else first_slurm_host."""
+    scontrol = shutil.which("scontrol") if "[" in nodelist else None
+    if scontrol:
+        try:
+            out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=10).stdout.split()
+        except (OSError, subprocess.TimeoutExpired):  # no config here: scontrol may retry for a minute
+            out = []
+        if out:
+            return out[0]
+    return first_slurm_host(nodelist, var)
+
+
+def slurm_port(job_id: int) -> int:
+    """The rendezvous port every task of a job derives alike, different for jobs sharing a node."""
+    return 10000 + job_id % 50000
+
+
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """This node's entry of SLURM's compressed task counts ('2(x3),1': 2 on nodes 0-2, 1 on node 3)."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise LaunchEnvError(f"SLURM_STEP_TASKS_PER_NODE={tasks_per_node!r} is not a SLURM task count list")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    if not 0 <= node_id < len(counts):
+        raise LaunchEnvError(f"SLURM_NODEID={node_id} is outside SLURM_STEP_TASKS_PER_NODE={tasks_per_node!r}")
+    return counts[node_id]
+
+
+def slurm_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Under plain `srun python launch/train.py` (an srun step: SLURM_STEP_ID and SLURM_PROCID set, RANK and
+    WORLD_SIZE not), the launcher variables SLURM implies; {} otherwise, so torchrun, deepspeed and
+    accelerate (which set RANK) win, and a batch script's own `python` (no step) stays one process."""
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ or "WORLD_SIZE" in environ or "SLURM_STEP_ID" not in environ \
+            or "SLURM_PROCID" not in environ:
+        return {}
+    for name in ("SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID"):
+        if name not in environ:
+            raise LaunchEnvError(f"srun left {name} unset (SLURM_PROCID is set)")
+    var = next((v for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST") if environ.get(v)), None)
+    if var is None:
+        raise LaunchEnvError("srun left SLURM_STEP_NODELIST and SLURM_JOB_NODELIST unset (SLURM_PROCID is set)")
+    rank, world = _slurm_int(environ, "SLURM_PROCID"), _slurm_int(environ, "SLURM_NTASKS")
+    if not 0 <= rank < world:
+        raise LaunchEnvError(f"SLURM_PROCID={rank} is outside SLURM_NTASKS={world}")
+    env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(_slurm_int(environ, "SLURM_LOCALID"))}
+    if "SLURM_STEP_TASKS_PER_NODE" in environ and "SLURM_NODEID" in environ:  # CPU ranks share the cores
+        env["LOCAL_WORLD_SIZE"] = str(tasks_on_node(environ["SLURM_STEP_TASKS_PER_NODE"],
+                                                    _slurm_int(environ, "SLURM_NODEID")))
+    env["MASTER_ADDR"] = environ.get("MASTER_ADDR") or slurm_master_addr(environ[var], var)
+    env["MASTER_PORT"] = environ.get("MASTER_PORT") or str(slurm_port(_slurm_int(environ, "SLURM_JOB_ID")))
+    return env
+
+
 def launcher_env(local_rank_arg: int = -1) -> dict[str, str]:
-    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* as set by the launcher, with single-process defaults filled in."""
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* as set by the launcher (or implied by srun), with single-process
+    defaults filled in."""
     env = {k: os.environ[k] for k in _LAUNCH_VARS if k in os.environ}
+    env.update(slurm_env())
     if "LOCAL_RANK" not in env and local_rank_arg >= 0:
         env["LOCAL_RANK"] = str(local_rank_arg)
     if "RANK" not in env and "WORLD_SIZE" not in env:  # plain `python launch/train.py`
@@ -61,8 +148,8 @@ def launcher_env(local_rank_arg: int = -1) -> dict[str, str]:
         env.setdefault("MASTER_PORT", str(free_port()))
     missing = [k for k in _LAUNCH_VARS if k not in env]
     if missing:
-        raise RuntimeError(f"launcher left {', '.join(missing)} unset; "
-                           "start with python, deepspeed or accelerate launch")
+        raise LaunchEnvError(f"launcher left {', '.join(missing)} unset; "
+                           "start with python, srun, deepspeed or accelerate launch")
     return env
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from typing import Any, Iterable, Optional, Sequence
 
@@ -33,6 +34,47 @@ log = logging.getLogger(__name__)
 
 REPORTED_RANKS = (1, 5, 10, 20)
 SUMMARY_KEYS = ("R1", "R10", "R20", "mAP", "mINP")
+PROGRESS_EVERY_S = 10.0  # a log line this often while extracting, where no progress bar can be drawn
+
+
+class ExtractionProgress:
+    """Says how far feature extraction is, so a long evaluation is never silent: a tqdm bar on a terminal,
+    else a log line (images done, images/s, time left) every `every_s` seconds."""
+
+    def __init__(self, total: Optional[int], every_s: float = PROGRESS_EVERY_S, bar: Optional[bool] = None) -> None:
+        self.total, self.every_s, self.done = total, every_s, 0
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        log.info("extracting features of %s test images", total if total is not None else "the")
+        if (sys.stderr.isatty() if bar is None else bar) and log.isEnabledFor(logging.INFO):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc="extracting features", leave=False, dynamic_ncols=True)
+
+    def update(self, images: int) -> None:
+        """Count a finished batch; draw the bar or, when due (and at the end), log a line."""
+        self.done += images
+        if self.bar is not None:
+            self.bar.update(images)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or (self.total is not None and self.done >= self.total):
+            self.last = now
+            log.info("extracting features: %s", self.describe(now))
+
+    def describe(self, now: float) -> str:
+        """'256/622 images (41%), 12.3 images/s, about 30 s left'."""
+        rate = self.done / max(now - self.start, 1e-9)
+        if not self.total:
+            return f"{self.done} images, {rate:.1f} images/s"
+        left = max(self.total - self.done, 0) / max(rate, 1e-9)
+        return (f"{self.done}/{self.total} images ({100 * self.done / self.total:.0f}%), {rate:.1f} images/s, "
+                f"about {left:.0f} s left")
+
+    def close(self) -> None:
+        """Remove the bar (the final 'extracted ...' line follows)."""
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -71,8 +113,11 @@ def _gather_shares(feats: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, loader: Iterable[dict], *, device: torch.device | str,
                      flip: bool = False, dtype: torch.dtype = torch.float32,
-                     distributed: Optional[bool] = None, camera_offset: int = 0) -> tuple[torch.Tensor, list[str]]:
+                     distributed: Optional[bool] = None, camera_offset: int = 0, total: Optional[int] = None,
+                     progress_every_s: float = PROGRESS_EVERY_S) -> tuple[torch.Tensor, list[str]]:
     """(features [N, F] float32 on CPU, keys [N]) for every test image, ordered by key, each once.
+
+    total: images this process will extract (for the progress bar / lines; None = unknown).
 
     camera_offset: where this dataset's cameras start in the model's camera (SIE) table, for a model
     trained on several datasets.
@@ -88,6 +133,7 @@ def extract_features(model: torch.nn.Module, loader: Iterable[dict], *, device: 
     chunks: list[torch.Tensor] = []
     keys: list[str] = []
     start = time.perf_counter()
+    progress = ExtractionProgress(total, progress_every_s)
     try:
         with torch.inference_mode(), _autocast(device, dtype):
             for batch in loader:
@@ -103,7 +149,9 @@ def extract_features(model: torch.nn.Module, loader: Iterable[dict], *, device: 
                     feat = F.normalize(0.5 * (feat + feat_flip), dim=1)
                 chunks.append(feat.cpu())
                 keys.extend(str(k) for k in batch["key"])
+                progress.update(len(batch["key"]))
     finally:
+        progress.close()
         model.train(was_training)
     feats = torch.cat(chunks) if chunks else torch.zeros(0, 0)
     if feats.shape[0] != len(keys):
@@ -120,8 +168,9 @@ def extract_features(model: torch.nn.Module, loader: Iterable[dict], *, device: 
         log.info("extract_features: %d duplicate images (padding of rank shares) dropped", len(keys) - len(unique))
     idx = torch.as_tensor(unique, dtype=torch.long)
     feats = feats[idx] if feats.numel() else feats
-    log.info("extracted %d features of dim %d in %.1fs (flip=%s, dtype=%s)", len(unique),
-             feats.shape[1] if feats.dim() == 2 else 0, time.perf_counter() - start, flip, dtype)
+    seconds = time.perf_counter() - start
+    log.info("extracted %d features of dim %d in %.1fs, %.1f images/s (flip=%s, dtype=%s)", len(unique),
+             feats.shape[1] if feats.dim() == 2 else 0, seconds, len(unique) / max(seconds, 1e-9), flip, dtype)
     return feats.contiguous(), [keys[i] for i in unique]
 
 
@@ -181,8 +230,10 @@ def evaluate_features(feats: torch.Tensor, keys: Sequence[str], index: dict, pro
 
     results: dict[str, Any] = {}
     dist_cache: dict[bytes, tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
-    for s in settings:
+    for number, s in enumerate(settings, 1):
         t0 = time.perf_counter()
+        log.info("setting %d/%d %s (%s): %d trial(s)%s", number, len(settings), s.name, s.protocol, s.trials,
+                 ", re-ranking each" if rerank else "")
         per_trial = []
         for trial, gallery in enumerate(s.galleries):
             query = s.trial_query(trial)
@@ -196,7 +247,8 @@ def evaluate_features(feats: torch.Tensor, keys: Sequence[str], index: dict, pro
         summary.update({
             "trials": s.trials, "seeds": list(s.seeds), "protocol": s.protocol, "metric": s.metric,
             "description": s.description, "num_query": int(s.trial_query(0).size), "headline": s.headline,
-            "num_gallery": int(s.galleries[0].size), "rerank": rerank,
+            "num_gallery": int(s.galleries[0].size), "rerank": rerank, **({"split": s.counts["split"]}
+                                                                           if s.counts.get("split") else {}),
             "per_trial": [{"seed": seed, "R1": float(m["cmc"][0] * 100), "mAP": float(m["mAP"] * 100),
                            "mINP": float(m["mINP"] * 100)} for seed, m in zip(s.seeds, per_trial)],
         })
@@ -235,8 +287,10 @@ def evaluate(model: torch.nn.Module, data_cfg: Any, eval_cfg: Any, index: dict, 
     if loader is None:
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         loader = build_test_loader(data_cfg, rank=rank, world_size=world, batch_size=eval_cfg.batch_size)
+    records = len(index.get("test_records") or [])
     feats, keys = extract_features(model, loader, device=device, flip=eval_cfg.flip,
                                    dtype=dtype if dtype is not None else default_dtype(device),
-                                   distributed=distributed, camera_offset=camera_offset)
+                                   distributed=distributed, camera_offset=camera_offset,
+                                   total=-(-records // _group_size()) if distributed else records)
     return evaluate_features(feats, keys, index, list(protocols or eval_cfg.protocols), trials=eval_cfg.trials,
                              max_rank=eval_cfg.max_rank, rerank=eval_cfg.rerank, device=device)

@@ -112,11 +112,16 @@ class Validator:
         return merged
 
     def _report(self, results: dict, epoch: int, step: int, final: bool) -> None:
-        """The protocol table in the log; results.json + CMC plot in run_dir (final) or run_dir/eval/epochNNN."""
+        """results.json + CMC plot in run_dir (final) or run_dir/eval/epochNNN; the protocol table in the log
+        for the evaluations during training only: the final one is the run's results.json, whose table the
+        entry point prints once with the run's summary."""
         try:
-            log.info("evaluation after epoch %d:\n%s", epoch, format_table(results))
-            write_results(results, self.run_dir if final else self.run_dir / "eval" / f"epoch{epoch:03d}",
-                          meta={"epoch": epoch, "step": step, "run_dir": str(self.run_dir)})
+            paths = write_results(results, self.run_dir if final else self.run_dir / "eval" / f"epoch{epoch:03d}",
+                                  meta={"epoch": epoch, "step": step, "run_dir": str(self.run_dir)})
+            if final:
+                log.info("final evaluation after epoch %d: %s", epoch, paths[0])
+            else:
+                log.info("evaluation after epoch %d:\n%s", epoch, format_table(results))
         except Exception as exc:  # reporting must never end a training run
             log.warning("could not write the evaluation report: %s", exc)
 

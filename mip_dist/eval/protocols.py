@@ -76,6 +76,7 @@ class Setting:
     counts: dict = field(default_factory=dict)  # sizes, for logs and results.json
     query_draws: Optional[list[np.ndarray]] = None  # per-trial queries when the QUERY side is drawn
     headline: bool = True  # False: an extra view that no published table reports
+    swapped_roles: bool = False  # True: the name's gallery modality supplies the ranked queries (as published)
 
     @property
     def trials(self) -> int:
@@ -190,12 +191,12 @@ def regdb_settings(records: Sequence[dict], split: Optional[int] = None) -> list
     if visible.size == 0 or thermal.size == 0:
         raise ProtocolError(f"protocol 'regdb' needs visible and thermal test records; the index has "
                             f"{visible.size} visible and {thermal.size} thermal")
-    split_txt = f" split {split}" if split is not None else ""
+    split_txt = f" (split {split})" if split is not None else ""
     out = []
     for name, q, g in (("visible_to_thermal", visible, thermal), ("thermal_to_visible", thermal, visible)):
         out.append(Setting(
             name=name, protocol="regdb", metric="regdb", query=q, galleries=[g], seeds=[None],
-            description=f"RegDB{split_txt} {name.replace('_', ' ')}: all test images, no removal",
+            description=f"RegDB {name.replace('_', ' ')}{split_txt}: all test images, no removal",
             counts={"query": int(q.size), "gallery": int(g.size), "split": split}))
     return out
 
@@ -235,7 +236,7 @@ def llcm_settings(records: Sequence[dict], trials: int = 10) -> list[Setting]:
                 counts={"query": int(infrared.size), "gallery": int(visible_draws[0].size), "gallery_groups": len(visible_groups)}),
         Setting(name="visible_to_infrared", protocol="llcm", metric="llcm",
                 query=np.unique(np.concatenate(infrared_draws)), galleries=[visible] * trials, seeds=list(seeds),
-                query_draws=infrared_draws,
+                query_draws=infrared_draws, swapped_roles=True,
                 description=(f"LLCM VIS->IR as published (authors' test_mode=[2,1], roles swapped): per trial, "
                              f"one near-infrared image per (identity, camera) is ranked against ALL visible "
                              f"test images, {trials} trials, {rule}"),

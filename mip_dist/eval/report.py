@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -42,22 +42,39 @@ def format_table(results: dict) -> str:
     return "\n".join([line(head), "-" * len(line(head))] + [line(r) for r in rows])
 
 
-def aggregate_splits(per_split: list[dict]) -> dict:
+def splits_label(numbers: list[Optional[int]]) -> str:
+    """'mean over splits 1-10 (n=10)' from the splits actually evaluated (RegDB numbers from index.json);
+    'mean over models 1-3 (n=3)' when the test sets carry no split number."""
+    n = len(numbers)
+    if not numbers or any(x is None for x in numbers):
+        return f"mean over models 1-{n} (n={n})" if n > 1 else "one model (n=1)"
+    ints = sorted(int(x) for x in numbers)
+    if len(set(ints)) == n and n > 1 and ints == list(range(ints[0], ints[0] + n)):
+        return f"mean over splits {ints[0]}-{ints[-1]} (n={n})"
+    word = "split" if n == 1 else "splits"
+    return f"mean over {word} {', '.join(map(str, ints))} (n={n})"
+
+
+def aggregate_splits(per_split: list[dict], label: Optional[str] = None) -> dict:
     """Mean and population std (ddof=0) over splits of each setting's per-split mean, as RegDB papers report.
 
     Each input is one model's `evaluate_features` result (itself a mean over its trials). Settings
-    missing from any split are left out, so every aggregate is over the same splits.
+    missing from any split are left out, so every aggregate is over the same splits. `label` (see
+    `splits_label`) replaces one split's number in each description, so the mean never reads as one split.
     """
     if not per_split:
         raise ValueError("aggregate_splits: no split results given")
     names = [n for n, r in per_split[0].items() if isinstance(r, dict) and all(isinstance(s.get(n), dict)
                                                                                for s in per_split)]
+    label = label or f"mean over {len(per_split)} splits (n={len(per_split)})"
     out: dict[str, Any] = {}
     for name in names:
         rows = [s[name] for s in per_split]
-        agg: dict[str, Any] = {"splits": len(rows), "trials": rows[0]["trials"],
-                               "description": rows[0].get("description", ""), "headline": rows[0].get("headline", True),
-                               "per_split": {}}
+        agg: dict[str, Any] = {"splits": len(rows), "trials": rows[0]["trials"], "split_label": label,
+                               "description": _aggregate_description(rows[0], label),
+                               "headline": rows[0].get("headline", True), "per_split": {}}
+        if all(r.get("split") is not None for r in rows):
+            agg["split_numbers"] = [int(r["split"]) for r in rows]
         for key in AGGREGATE_KEYS:
             if all(key in r for r in rows):
                 values = np.asarray([float(r[key]) for r in rows])
@@ -71,24 +88,41 @@ def aggregate_splits(per_split: list[dict]) -> dict:
     return out
 
 
-def write_aggregate(per_split: list[dict], aggregate: dict, metas: list[dict], out_dir: str | Path) -> Path:
-    """results.json with {"meta", "splits": [{"meta", "results"}...], "aggregate"} for a multi-split evaluation."""
+def _aggregate_description(row: dict, label: str) -> str:
+    """One split's setting description without its split number, followed by what the mean is over."""
+    text = str(row.get("description", ""))
+    if row.get("split") is not None:
+        text = text.replace(f" (split {row['split']})", "")
+    return f"{text}; {label}" if text else label
+
+
+def results_filename(name: str = "") -> str:
+    """results.json, or results_<name>.json for one named test set of a model (never another's file)."""
+    return f"results_{name}.json" if name else "results.json"
+
+
+def write_aggregate(per_split: list[dict], aggregate: dict, metas: list[dict], out_dir: str | Path,
+                    name: str = "", label: str = "") -> Path:
+    """results.json (results_<name>.json) with {"meta", "splits": [{"meta", "results"}...], "aggregate"} for
+    a multi-split evaluation."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    doc = {"meta": {"num_splits": len(per_split), "std": "population (ddof=0) over splits"},
+    path = out / results_filename(name)
+    doc = {"meta": {"num_splits": len(per_split), "std": "population (ddof=0) over splits", "splits": label},
            "splits": [{"meta": m, "results": r} for m, r in zip(metas, per_split)], "aggregate": aggregate}
     path.write_text(json.dumps(doc, indent=2))
     return path
 
 
-def write_results(results: dict, out_dir: str | Path, meta: dict[str, Any], title: str = "CMC") -> list[Path]:
-    """results.json ({meta, results}) and cmc.png in out_dir; returns the written paths."""
+def write_results(results: dict, out_dir: str | Path, meta: dict[str, Any], title: str = "CMC",
+                  name: str = "") -> list[Path]:
+    """results.json ({meta, results}) and cmc.png in out_dir (results_<name>.json and cmc_<name>.png for a
+    named test set, so evaluating a model's second dataset keeps the first's files); returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
+    path = out / results_filename(name)
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    return [path, plot_cmc(results, out / "cmc.png", title=title)]
+    return [path, plot_cmc(results, out / (f"cmc_{name}.png" if name else "cmc.png"), title=title)]
 
 
 def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path) -> Path:

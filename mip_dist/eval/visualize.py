@@ -216,8 +216,8 @@ def rank_lists(feats: torch.Tensor, row_of: dict[str, int], records: Sequence[di
     """Top-`top` kept gallery entries of sample queries and of the lowest-AP queries of one trial.
 
     Ranks like the metric (float64 distances, stable order, the setting's removal rule applied).
-    Returns {"sample": [...], "worst": [...]}, each entry {"key", "pid", "camera", "ap", "gallery":
-    [{"key", "pid", "camera", "distance", "same"}]}; queries without a true match are not listed.
+    Returns {"sample": [...], "worst": [...]}, each entry {"key", "pid", "camera", "modality", "ap", "gallery":
+    [{"key", "pid", "camera", "modality", "distance", "same"}]}; queries without a true match are not listed.
     """
     query, gallery = setting.trial_query(trial), setting.galleries[trial]
     q_rec = [records[i] for i in query]
@@ -238,10 +238,10 @@ def rank_lists(feats: torch.Tensor, row_of: dict[str, int], records: Sequence[di
         if not same.any():
             continue
         entries.append({"key": r["key"], "pid": int(r["pid"]), "camera": int(r["camera"]),
-                        "ap": _average_precision(same),
+                        "modality": int(r["modality"]), "ap": _average_precision(same),
                         "gallery": [{"key": g_rec[g]["key"], "pid": int(g_pids[g]), "camera": int(g_cams[g]),
-                                     "distance": float(dist[qi, g]), "same": bool(s)}
-                                    for g, s in zip(order[:top], same[:top])]})
+                                     "modality": int(g_rec[g]["modality"]), "distance": float(dist[qi, g]),
+                                     "same": bool(s)} for g, s in zip(order[:top], same[:top])]})
     pick = np.unique(np.linspace(0, len(entries) - 1, min(num_queries, len(entries))).astype(int)) if entries else []
     worst = sorted(range(len(entries)), key=lambda i: (entries[i]["ap"], i))[:num_worst]
     return {"sample": [entries[i] for i in pick], "worst": [entries[i] for i in worst]}
@@ -264,30 +264,110 @@ def _framed(image: Optional[dict], colour: Optional[tuple[float, float, float]],
     return out
 
 
-def plot_rank_lists(entries: Sequence[dict], images: dict[str, dict], path: str | Path, title: str = "",
-                    top: int = RANK_LIST_TOP) -> Path:
-    """One row per query: the query, then its top-`top` gallery images framed green (same id) or red.
+MODALITY_SHORT = {0: "IR", 1: "VIS"}
+RANK_LIST_ROW_IN, RANK_LIST_HEADER_IN, RANK_LIST_CELL_TITLE_IN = 2.3, 0.75, 0.45
 
-    Each gallery cell is titled with its id, camera and distance; the query cell with its id, camera and
-    AP. Cells sit on a fixed grid (column j spans [j, j+1] / (top + 1) of the width), so tools and
-    tests can find each cell's frame.
-    """
+
+def similarity_digits(rows: Sequence[Sequence[float]], lowest: int = 3, highest: int = 6) -> int:
+    """Fewest decimals (lowest..highest) at which neighbouring values of every ranked list still differ,
+    so a list of near-equal similarities does not read as one repeated number."""
+    for digits in range(lowest, highest + 1):
+        if all(round(a, digits) != round(b, digits) for row in rows for a, b in zip(row, row[1:]) if a != b):
+            return digits
+    return highest
+
+
+def rank_list_cell_box(row: int, col: int, rows: int, cols: int) -> tuple[float, float, float, float]:
+    """(left, bottom, width, height) in figure fractions of the image of cell (row, col): columns split the
+    width evenly; rows split the height below a fixed header band (tests find each frame from this)."""
+    height = rows * RANK_LIST_ROW_IN + RANK_LIST_HEADER_IN
+    slot = RANK_LIST_ROW_IN / height
+    top = 1 - RANK_LIST_HEADER_IN / height - row * slot - RANK_LIST_CELL_TITLE_IN / height
+    box_h = slot - (RANK_LIST_CELL_TITLE_IN + 0.1) / height
+    return col / cols + 0.005, top - box_h, 1 / cols - 0.01, box_h
+
+
+def rank_list_labels(entry: dict, digits: int) -> list[str]:
+    """Cell titles of one ranked list: the query's identity, modality, camera and AP, then each gallery
+    image's identity, modality, camera and cosine similarity to the query (higher = closer)."""
+    labels = [f"QUERY id {entry['pid']}\n{MODALITY_SHORT.get(entry.get('modality'), '?')} cam{entry['camera']}"
+              f"\nAP {entry['ap']:.2f}"]
+    for rank, g in enumerate(entry["gallery"], 1):
+        labels.append(f"#{rank} id {g['pid']}\n{MODALITY_SHORT.get(g.get('modality'), '?')} cam{g['camera']}"
+                      f"\ncos {-g['distance']:.{digits}f}")
+    return labels
+
+
+def rank_list_figure(entries: Sequence[dict], images: dict[str, dict], title: str = "", subtitle: str = "",
+                     top: int = RANK_LIST_TOP) -> Figure:
+    """One row per query: the query, then its top-`top` gallery images framed green (same id) or red, each
+    titled by `rank_list_labels`; the header says what the number is and, via `subtitle`, whose roles."""
     rows = max(1, len(entries))
     cols = top + 1
     size = next((tuple(v["image"].shape[-2:]) for v in images.values()), (128, 64))
-    fig = Figure(figsize=(cols * 1.0, rows * 2.3 + 0.4))
+    fig = Figure(figsize=(cols * 1.0, rows * RANK_LIST_ROW_IN + RANK_LIST_HEADER_IN))
+    digits = similarity_digits([[-g["distance"] for g in e["gallery"]] for e in entries])
     for r, e in enumerate(entries):
-        cells = [(e, None, f"query id {e['pid']}\ncam{e['camera']} AP {e['ap']:.2f}")]
-        cells += [(g, FRAME_COLOURS[g["same"]], f"id {g['pid']} cam{g['camera']}\nd={g['distance']:.3f}") for g in e["gallery"]]
-        for c, (item, colour, label) in enumerate(cells):
-            ax = fig.add_axes((c / cols + 0.005, 1 - (r + 1) / rows * 0.9 - 0.02, 1 / cols - 0.01, 0.9 / rows * 0.78))
+        colours = [None] + [FRAME_COLOURS[g["same"]] for g in e["gallery"]]
+        for c, (item, colour, label) in enumerate(zip([e] + list(e["gallery"]), colours, rank_list_labels(e, digits))):
+            ax = fig.add_axes(rank_list_cell_box(r, c, rows, cols))
             ax.imshow(_framed(images.get(item["key"]), colour, size), interpolation="nearest", aspect="auto")
             ax.set_title(label, fontsize=6)
             ax.axis("off")
+    legend = ("cos = cosine similarity of query and gallery features (higher = closer; ranked by it, "
+              "the protocol's removal rule applied); frame green = same identity, red = another")
+    header = "\n".join(t for t in (subtitle, legend) if t)
+    height = rows * RANK_LIST_ROW_IN + RANK_LIST_HEADER_IN
     if title:
-        fig.suptitle(title, fontsize=8, y=0.995)
+        fig.suptitle(title, fontsize=8, y=1 - 0.04 / height, va="top")
+    fig.text(0.5, 1 - 0.22 / height, header, ha="center", va="top", fontsize=6, wrap=True)
+    return fig
+
+
+def plot_rank_lists(entries: Sequence[dict], images: dict[str, dict], path: str | Path, title: str = "",
+                    top: int = RANK_LIST_TOP, subtitle: str = "") -> Path:
+    """`rank_list_figure` written as a PNG (cells on the fixed grid of `rank_list_cell_box`)."""
+    fig = rank_list_figure(entries, images, title=title, subtitle=subtitle, top=top)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=100)
     return path
+
+
+def _modalities(records: Sequence[dict], positions: Sequence[int]) -> str:
+    """'near-infrared', 'visible' or both, for the images at `positions`."""
+    names = {0: "infrared", 1: "visible"}
+    found = sorted({int(records[i]["modality"]) for i in positions})
+    return " + ".join(names.get(m, str(m)) for m in found) or "no"
+
+
+def rank_list_subtitle(setting, records: Sequence[dict], trial: int = 0) -> str:
+    """Who queries whom in this setting, and why when the roles are swapped against its name."""
+    query, gallery = setting.trial_query(trial), setting.galleries[trial]
+    roles = (f"queries: {len(query)} {_modalities(records, query)} images; gallery: {len(gallery)} "
+             f"{_modalities(records, gallery)} images")
+    if setting.swapped_roles:
+        return (f"{roles}. Roles swapped as published (the LLCM authors' test_mode=[2, 1] ranks the drawn "
+                "near-infrared images against all visible images): comparable with published VIS->IR figures")
+    if not setting.headline:
+        return f"{roles}. Extra view, not comparable with published tables"
+    return roles
+
+
+def rank_list_figures(lists: dict[str, dict], images: dict[str, dict], settings: Sequence, records: Sequence[dict],
+                      out: str | Path, prefix: str = "", trial: int = 0) -> list[Path]:
+    """ranklist_<prefix><setting>.png (sample queries) and worst_ap_<prefix><setting>.png (lowest AP) for
+    each setting in `lists` (see `rank_lists`), each titled with its setting, trial and seed."""
+    written = []
+    for s in settings:
+        if s.name not in lists:
+            continue
+        seed = s.seeds[trial] if trial < len(s.seeds) else None
+        when = f"trial {trial}" + (f", seed {seed}" if seed is not None else "")
+        subtitle = rank_list_subtitle(s, records, trial)
+        for kind, stem, what in (("sample", "ranklist", "sample queries"), ("worst", "worst_ap",
+                                                                             "lowest average precision")):
+            written.append(plot_rank_lists(lists[s.name][kind], images, Path(out) / f"{stem}_{prefix}{s.name}.png",
+                                           title=f"{s.name}: {what} ({when})", subtitle=subtitle))
+    return written
