@@ -6,11 +6,19 @@ on the same synthetic SYSU-layout set (generated and sharded on first use, cache
 - folder: an ImageFolder-like map-style Dataset over the image files, shuffled DataLoader, decoding
   with PIL as torchvision's ImageFolder does, and again with the stream's decoder (isolates I/O).
 Runs are interleaved and each is repeated; the best of the repetitions is reported, since the
-machine may be shared. The first batch of every run (worker start, buffer fill) is not timed.
+machine may be shared. The first batch of every run (worker start, buffer fill) is not timed. The stream
+hands over uint8 images (its float steps, normalise / erase / grey, run later on the training device),
+the folder float32 ones: each side is timed up to what it gives the trainer.
 
     python launch/bench_data.py                 # 1 and 2 workers, 256x128, batch 64
     python launch/bench_data.py --workers 1 2 4 --batches 40
+    python launch/bench_data.py --workers 8 14 --seconds 30 --json rows.json   # the stream alone, timed
     python launch/bench_data.py --scale         # PK batch quality vs number of identities (no images)
+
+`--seconds` times the training stream alone (`build_train_stream`, pinned batches when CUDA is there) for
+about that long per worker count, after its first batch; it prints a line per worker count (img/s, img/s
+per worker, bytes per batch for the device) and, with `--json`, rewrites {"rows": [{"workers", "img_s",
+"img_s_per_worker", "batches", "seconds"}, ...]} after each row, so an interrupted run keeps its rows.
 
 `--scale` drives the stream's own PK buffer and batcher with metadata-only samples (10 visible + 10
 infrared per identity, 8 x (4 + 4) batches, 2,000-sample buffer) over the two training layouts a shard
@@ -19,6 +27,7 @@ writer can produce: globally shuffled (index version 1) and identity chunks (ver
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -33,7 +42,7 @@ from mip_dist.config import DataConfig
 from mip_dist.data.layouts import read_dataset
 from mip_dist.data.shards import write_shards
 from mip_dist.data.stream import build_train_stream
-from mip_dist.data.transforms import decode_rgb, decode_rgb_pil, train_transform
+from mip_dist.data.transforms import IMAGE_OPS, decode_rgb, decode_rgb_pil, train_transform
 from mip_dist.demo.synthetic import MARKER, generate_synthetic
 
 
@@ -62,6 +71,48 @@ def timed(batches: Iterable, n: int, batch_size: int) -> float:
     for _ in range(n):
         next(it)
     return n * batch_size / (time.perf_counter() - start)
+
+
+def device_bytes(batch: dict) -> tuple[int, int]:
+    """(bytes of the tensors the trainer copies to the device for the images, those of float32 images)."""
+    images = batch["images"]
+    ops = sum(batch[k].nbytes for k in IMAGE_OPS if k in batch)
+    return images.nbytes + ops, images.numel() * 4
+
+
+def stream_rate(cfg: DataConfig, seconds: float) -> tuple[dict, float, float]:
+    """One worker count's JSON row, read for about `seconds` after the stream's first batch, and the mean
+    bytes per batch the trainer copies for its images (and as float32 images)."""
+    it = iter(build_train_stream(cfg, seed=0, rank=0, world_size=1))
+    next(it)
+    n, moved, as_float = 0, 0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        got, full = device_bytes(next(it))
+        n, moved, as_float = n + 1, moved + got, as_float + full
+    elapsed = time.perf_counter() - start
+    img_s = n * cfg.batch_size / elapsed
+    row = {"workers": cfg.workers, "img_s": round(img_s, 1), "img_s_per_worker": round(img_s / max(cfg.workers, 1), 1),
+           "batches": n, "seconds": round(elapsed, 3)}
+    return row, moved / max(n, 1), as_float / max(n, 1)
+
+
+def run_timed(shards: Path, args: argparse.Namespace, size: tuple[int, int]) -> int:
+    """Time the stream per worker count; print a line and rewrite the JSON after each."""
+    rows = []
+    for w in args.workers:
+        cfg = DataConfig(shards=str(shards), batch_size=args.batch_size, num_instances=args.num_instances,
+                         img_size=size, workers=w, buffer_size=1024, steps_per_epoch=10**9)
+        row, moved, as_float = stream_rate(cfg, args.seconds)
+        print(f"workers {w:>3}: {row['img_s']:8.1f} img/s, {row['img_s_per_worker']:7.1f} img/s per worker "
+              f"({row['batches']} batches in {row['seconds']:.1f} s); {moved / 2**20:.2f} MiB per batch to the "
+              f"device ({as_float / 2**20:.2f} MiB as float32)", flush=True)
+        rows.append(row)
+        if args.json:
+            tmp = Path(args.json + ".tmp")
+            tmp.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+            tmp.replace(args.json)
+    return 0
 
 
 def run_scale(ids_list: list[int], batches: int) -> int:
@@ -99,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=20, help="timed batches per run")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--seconds", type=float, default=None,
+                   help="time the training stream alone for about this long per worker count")
+    p.add_argument("--json", default=None, help="with --seconds: write the rows here (rewritten after each)")
     p.add_argument("--scale", action="store_true", help="simulate PK batch quality at many identity counts")
     p.add_argument("--scale-ids", type=int, nargs="+", default=[400, 5000, 50000])
     p.add_argument("--scale-batches", type=int, default=0,
@@ -106,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.scale:
         return run_scale(args.scale_ids, args.scale_batches)
+    if args.json and args.seconds is None:
+        p.error("--json needs --seconds")
     torch.set_num_threads(1)
     work = Path(args.work)
     size = (args.img_size[0], args.img_size[1])
@@ -124,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     index = write_shards("synthetic", str(root), str(shards), workers=2, progress=False)
     print(f"shards: {len(index['shards'])} in {shards} ({time.perf_counter() - start:.1f}s, cached if unchanged)")
+    if args.seconds is not None:
+        return run_timed(shards, args, size)
 
     label_of = {int(k): v for k, v in index["identity_map"].items()}
     paths, labels = [r.path for r in records], [label_of[r.pid] for r in records]

@@ -8,7 +8,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from mip_dist.data.transforms import (MEAN, STD, RandomChannel, TrainAugment, decode_rgb, decode_rgb_pil,
-                                      eval_transform, train_transform)
+                                      eval_transform, split_chain, train_transform)
 
 
 def _encode(mode: str, fmt: str) -> bytes:
@@ -95,3 +95,15 @@ def test_batch_augment_matches_torchvision_image_by_image(augment, source_size):
         got = TrainAugment((64, 32), augment, channel_aug)(images, visible)
         assert torch.equal(got, expected)
         assert torch.equal(torch.rand(1), after)  # the generator is left where the per-image chain leaves it
+
+
+def test_split_chain_refuses_float_steps_finish_images_cannot_apply():
+    """The shipped chains split at the float conversion; a fill of constants (or any other float step) is
+    refused rather than silently dropped from the device-side finish."""
+    chain = train_transform((64, 32), "paper")
+    uint8_steps, tail = split_chain(chain)
+    assert [type(t).__name__ for t in tail] == ["RandomErasing", "RandomGrayscale"]
+    assert not any(isinstance(t, (v2.ToDtype, v2.Normalize)) for t in uint8_steps.transforms)
+    constant = v2.Compose(list(chain.transforms[:-2]) + [v2.RandomErasing(0.5, value=0), chain.transforms[-1]])
+    with pytest.raises(ValueError, match="cannot apply"):
+        split_chain(constant)

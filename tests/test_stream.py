@@ -20,7 +20,7 @@ from mip_dist.data.grouping import image_key
 from mip_dist.data.records import INFRARED, VISIBLE
 from mip_dist.data.shards import read_index, shard_urls, write_shards
 from mip_dist.data.shard_reader import ErrorCounter, iter_shard_samples, slot_shards
-from mip_dist.data.stream import DataError, build_test_loader, build_train_stream
+from mip_dist.data.stream import DataError, TrainStream, build_test_loader, build_train_stream
 from mip_dist.demo.synthetic import generate_synthetic
 
 P, K = 3, 2
@@ -47,11 +47,12 @@ def cfg(shards: Path, **kw) -> DataConfig:
 
 def check_pk_batch(batch: dict, num_classes: int) -> None:
     """Every invariant of a cross-modality PK batch."""
-    assert set(batch) == {"images", "pid", "camera", "modality", "key", "shard"}
+    assert set(batch) == {"images", "grey", "erase_box", "erase_fill", "pid", "camera", "modality", "key", "shard"}
     assert len(batch["shard"]) == B and all(url.endswith(".tar") for url in batch["shard"])
     assert len(batch["key"]) == B and all(isinstance(k, str) for k in batch["key"])
-    assert batch["images"].shape == (B, 3, 64, 32) and batch["images"].dtype == torch.float32
-    assert torch.isfinite(batch["images"]).all()
+    assert batch["images"].shape == (B, 3, 64, 32) and batch["images"].dtype == torch.uint8
+    images = TrainStream.device_images(batch, "cpu", torch.float32)
+    assert images.shape == (B, 3, 64, 32) and images.dtype == torch.float32 and torch.isfinite(images).all()
     for k in ("pid", "camera", "modality"):
         assert batch[k].shape == (B,) and batch[k].dtype == torch.int64
     mod, pid, cam = batch["modality"].tolist(), batch["pid"].tolist(), batch["camera"].tolist()
@@ -186,6 +187,35 @@ def test_restore_continues_with_the_batches_of_an_uninterrupted_run(shards, cons
     assert same_batches(take_batches(resumed), epoch0[consumed:])
     assert resumed.state_dict()["epoch"] == 1
     assert same_batches(take_batches(resumed), epoch1)
+
+
+def test_persistent_workers_give_every_epoch_the_batches_of_fresh_workers(shards, monkeypatch):
+    """One DataLoader whose two workers persist across epochs, a restore and an abandoned epoch, yet yields
+    what the same stream yields with workers restarted for every iteration (persistent_workers=False): the
+    workers are told the epoch and position each time."""
+    import mip_dist.data.stream as stream_module
+    real_loader, made = stream_module.DataLoader, []
+
+    def walk(persistent: bool) -> list:
+        monkeypatch.setattr(stream_module, "DataLoader", lambda *a, **kw: made.append(kw) or real_loader(
+            *a, **{**kw, "persistent_workers": persistent and kw.get("persistent_workers", False)}))
+        stream = build_train_stream(cfg(shards, workers=2, steps_per_epoch=5), seed=9, rank=0, world_size=1)
+        got = [take_batches(stream), take_batches(stream)]  # epochs 0 and 1: the stream moves on by itself
+        stream.set_epoch(3)
+        take_batches(stream, 2)  # abandoned after 2 of 5 batches (a trainer cutting the epoch to grad_accum)
+        stream.set_epoch(2)
+        got.append(take_batches(stream))
+        stream.load_state_dict({"epoch": 0, "batches": 3})
+        return got + [take_batches(stream)]
+
+    fresh = walk(persistent=False)
+    made.clear()
+    kept = walk(persistent=True)
+    assert len(made) == 1 and made[0]["persistent_workers"]  # one loader for the whole walk
+    assert [len(b) for b in kept] == [5, 5, 5, 2]
+    for a, b in zip(kept, fresh):
+        assert same_batches(a, b)
+    assert not same_batches(kept[0], kept[1]) and same_batches(kept[3], kept[0][3:])
 
 
 def _rewrite_tar(path: Path, corrupt_every: int) -> int:
@@ -401,3 +431,24 @@ def test_batches_reseed_only_the_cpu_generator(shards, monkeypatch):
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
     take_batches(build_train_stream(cfg(shards), seed=0, rank=0, world_size=1), 2)
     assert reseeded == []
+
+
+def test_bench_data_times_the_stream_per_worker_count_and_writes_json_rows(tmp_path):
+    """The interface the GPU check calls: --workers ... --seconds S --json PATH, one row per worker count."""
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, "launch/bench_data.py", "--work", str(tmp_path), "--ids", "6",
+                        "--images-per-camera", "1", "--img-size", "32", "16", "--batch-size", "8",
+                        "--num-instances", "2", "--workers", "0", "1", "--seconds", "0.3", "--json", str(out)],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["workers"] for row in rows] == [0, 1]
+    for row in rows:
+        assert set(row) == {"workers", "img_s", "img_s_per_worker", "batches", "seconds"}
+        assert row["batches"] > 0 and row["seconds"] >= 0.3
+        assert row["img_s"] == pytest.approx(row["batches"] * 8 / row["seconds"], rel=0.01)
+        assert row["img_s_per_worker"] == pytest.approx(row["img_s"] / max(row["workers"], 1), abs=0.1)
+    assert r.stdout.count("img/s per worker") == 2 and "MiB per batch to the device" in r.stdout

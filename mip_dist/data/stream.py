@@ -17,12 +17,17 @@ so webdataset's own splitters, which refuse world_size > 1 unless set explicitly
   skipped; past `data.max_error_rate` the worker raises `DataError`, which ends the run.
 - With `data.cache_mb` (in-process loading only) shards read cleanly and decoded images stay in memory
   across passes and epochs (sample_cache.py): the same batches, without re-parsing tars and re-decoding.
+- One DataLoader serves every epoch, its workers persistent: each iteration first writes (epoch, position)
+  into a shared tensor that a worker reads when the loader restarts it, so the workers produce the batches
+  a fresh loader would, without re-forking and re-importing every epoch.
+- Images leave the workers as uint8 with the draws of the chain's float steps; `TrainStream.device_images`
+  finishes them on the training device (transforms.finish_images): a third of the bytes to copy.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -37,7 +42,7 @@ from .sample_cache import SampleCache
 from .shard_index import read_index  # noqa: F401  (callers import it from here)
 from .shard_reader import DataError, ErrorCounter, RawSample, SlotSource, mix_seed
 from .sources import ResolvedSource, resolve_sources
-from .transforms import TrainAugment, decode_rgb, one_thread
+from .transforms import IMAGE_OPS, TrainAugment, decode_rgb, finish_images, one_thread
 
 log = logging.getLogger(__name__)
 
@@ -85,23 +90,32 @@ def worker_skip(position: int, worker: int, num_workers: int) -> int:
     return 0 if position <= worker else (position - worker + num_workers - 1) // num_workers
 
 class _EpochShare(IterableDataset):
-    """One epoch of PK batches for the calling DataLoader worker, starting at a stream position."""
+    """One epoch of PK batches for the calling DataLoader worker, from the stream position in `where`.
 
-    def __init__(self, spec: _StreamSpec, epoch: int, position: int, cache: Optional[SampleCache] = None) -> None:
+    `where` ([epoch, position], int64) is shared with the loader's persistent workers: the main process
+    writes it before each iteration, and a worker reads it when the loader (re)starts its iterator."""
+
+    def __init__(self, spec: _StreamSpec, where: torch.Tensor, cache: Optional[SampleCache] = None) -> None:
         super().__init__()
-        self.spec, self.epoch, self.position, self.cache = spec, epoch, position, cache
+        self.spec, self.where, self.cache = spec, where, cache
 
     def __iter__(self) -> Iterator[dict]:
+        """Read the position now (when the loader restarts this worker), not at the first batch."""
+        epoch, position = (int(v) for v in self.where.tolist())
+        return self._batches(epoch, position)
+
+    def _batches(self, epoch: int, position: int) -> Iterator[dict]:
+        """This worker's batches of `epoch` from stream position `position`."""
         sp = self.spec
         info = get_worker_info()
         loader_id, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         # The DataLoader takes batches from its workers round-robin starting at worker 0; after a
         # restore the first batch due is number `position`, owned by logical worker position % nw.
-        w = (loader_id + self.position) % nw
+        w = (loader_id + position) % nw
         where = f"rank {sp.rank} worker {w}"
         counter = ErrorCounter(sp.max_error_rate, where)  # one error budget over all datasets
-        sources = [self._source(i, src, counter, w, nw) for i, src in enumerate(sp.sources)]
-        mix = np.random.default_rng(mix_seed(sp.seed, self.epoch, sp.rank, w, 3))
+        sources = [self._source(i, src, counter, epoch, w, nw) for i, src in enumerate(sp.sources)]
+        mix = np.random.default_rng(mix_seed(sp.seed, epoch, sp.rank, w, 3))
         weights = [src.weight for src in sp.sources]
         caps = [src.max_identities for src in sp.sources]
         augment = TrainAugment(sp.img_size, sp.augment, sp.channel_aug)
@@ -116,18 +130,19 @@ class _EpochShare(IterableDataset):
         def decode(s: RawSample) -> Optional[torch.Tensor]:
             return read_image(s) if self.cache is None else self.cache.image(s, read_image)
 
-        skip = worker_skip(self.position, w, nw)
+        skip = worker_skip(position, w, nw)
         for j in range(worker_share(sp.steps_per_epoch, w, nw)):
             counts = allot_identities(sp.num_ids, weights, caps, mix)
             pairs = form_pk_batch(sources, counts, sp.num_instances, decode, where)
             if j < skip:
                 continue  # consumed before the checkpoint: same selection, no augmentation
             with torch.random.fork_rng(devices=[]), one_thread():  # own RNG per batch; caller's untouched
-                torch.default_generator.manual_seed(mix_seed(sp.seed, self.epoch, sp.rank, w, j, 2))  # CPU only:
+                torch.default_generator.manual_seed(mix_seed(sp.seed, epoch, sp.rank, w, j, 2))  # CPU only:
                 # torch.manual_seed would also reseed the GPU generators, which fork_rng(devices=[]) does not restore
-                images = augment([img for _, img in pairs], [s.modality == VISIBLE for s, _ in pairs])
+                images, ops = augment.uint8([img for _, img in pairs], [s.modality == VISIBLE for s, _ in pairs])
             yield {
                 "images": images,
+                **ops,  # grey, erase_box, erase_fill: the float steps finish_images applies
                 "pid": torch.tensor([s.label for s, _ in pairs], dtype=torch.int64),
                 "camera": torch.tensor([s.camera - 1 for s, _ in pairs], dtype=torch.int64),
                 "modality": torch.tensor([s.modality for s, _ in pairs], dtype=torch.int64),
@@ -136,23 +151,26 @@ class _EpochShare(IterableDataset):
                 "_stats": {"worker": w, "errors": counter.errors},
             }
 
-    def _source(self, i: int, src: _SourceSpec, counter: ErrorCounter, worker: int, num_workers: int) -> PKSource:
+    def _source(self, i: int, src: _SourceSpec, counter: ErrorCounter, epoch: int, worker: int,
+                num_workers: int) -> PKSource:
         """Dataset i's reader and buffer in this worker; dataset 0's seeds are the single-dataset ones, so a
         one-dataset run draws exactly what it drew before several datasets were supported."""
         sp = self.spec
         extra = (i,) if i else ()
-        reader = SlotSource(list(src.urls), counter, seed=mix_seed(sp.seed, i) if i else sp.seed, epoch=self.epoch,
+        reader = SlotSource(list(src.urls), counter, seed=mix_seed(sp.seed, i) if i else sp.seed, epoch=epoch,
                             rank=sp.rank, world_size=sp.world_size, worker=worker, num_workers=num_workers,
                             resampled=sp.resampled, sizes=dict(src.shard_bytes), label_offset=src.label_offset,
                             camera_offset=src.camera_offset, cache=self.cache)
-        buf = PKBuffer(sp.buffer_size, np.random.default_rng(mix_seed(sp.seed, self.epoch, sp.rank, worker, 1, *extra)))
+        buf = PKBuffer(sp.buffer_size, np.random.default_rng(mix_seed(sp.seed, epoch, sp.rank, worker, 1, *extra)))
         return PKSource(reader, buf, lambda: reader.passes, src.max_identities)
 
 
 class TrainStream:
     """Iterable of training batches; exactly `steps_per_epoch` per epoch on every rank; resumable.
 
-    Batches: images float32 [B, 3, H, W] (normalised, mean = std = 0.5), pid int64 contiguous train
+    Batches: images uint8 [B, 3, H, W] with the draws of the float steps (grey bool [B], erase_box int64
+    [B, 4], erase_fill float32 [N]; transforms.IMAGE_OPS), which `device_images` turns into the normalised
+    images (mean = std = 0.5) on the training device in the model's dtype; pid int64 contiguous train
     labels, camera int64 0-based (dataset camera - 1; both after the dataset's label / camera offset
     when several datasets train together), modality int64 (0 infrared, 1 visible); the
     first B/2 images are visible (P identities x K), the last B/2 infrared in the same identity order;
@@ -168,6 +186,18 @@ class TrainStream:
         self.epoch = 0
         self.position = 0  # batches of self.epoch already handed out
         self.error_count = 0
+        self._where = torch.zeros(2, dtype=torch.int64)  # [epoch, position] for the loader's workers
+        if workers > 0:
+            self._where.share_memory_()
+        self._loader: Optional[DataLoader] = None
+        self._iteration = 0  # the newest iteration; an older one may no longer read the loader
+
+    @staticmethod
+    def device_images(batch: dict, device: Union[str, torch.device], dtype: torch.dtype) -> torch.Tensor:
+        """The batch's images on `device` in `dtype`, normalised there (uint8 and the float steps' draws cross
+        the bus); a batch with float images (finished on the host) is only moved."""
+        ops = {k: batch[k] for k in IMAGE_OPS} if IMAGE_OPS[0] in batch else None
+        return finish_images(batch["images"], ops, device, dtype)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose batches the next iteration yields (a restored position is kept for it)."""
@@ -183,14 +213,19 @@ class TrainStream:
         epoch = self.epoch
         if self.position >= self.steps_per_epoch:
             return
-        dataset = _EpochShare(self.spec, epoch, self.position, self.cache)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.workers,
-                            timeout=LOADER_TIMEOUT_S if self.workers > 0 else 0,
-                            pin_memory=torch.cuda.is_available(),
-                            prefetch_factor=2 if self.workers > 0 else None)
+        self._iteration += 1
+        iteration = self._iteration
+        self._where.copy_(torch.tensor([epoch, self.position]))  # before the loader (re)starts its workers
+        loader = self._loader if self._loader is not None else self._make_loader()
         base_errors = self.error_count
         per_worker: dict[int, int] = {}
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            if iteration != self._iteration:  # its next batch would be the newer iteration's
+                raise RuntimeError("a newer iteration of this TrainStream restarted its loader; iterate one at a time")
+            batch = next(batches, None)
+            if batch is None:
+                break
             stats = batch.pop("_stats")
             per_worker[stats["worker"]] = stats["errors"]
             self.error_count = base_errors + sum(per_worker.values())
@@ -198,6 +233,14 @@ class TrainStream:
             yield batch
         if self.position >= self.steps_per_epoch and self.epoch == epoch:
             self.epoch, self.position = epoch + 1, 0
+
+    def _make_loader(self) -> DataLoader:
+        """The stream's one DataLoader: workers persist across epochs; batches are pinned for a CUDA device."""
+        self._loader = DataLoader(_EpochShare(self.spec, self._where, self.cache), batch_size=None,
+                                  num_workers=self.workers, timeout=LOADER_TIMEOUT_S if self.workers > 0 else 0,
+                                  pin_memory=torch.cuda.is_available(), persistent_workers=self.workers > 0,
+                                  prefetch_factor=2 if self.workers > 0 else None)
+        return self._loader
 
     def state_dict(self) -> dict:
         """Stream position and what it depends on (for the checkpoint's client state)."""

@@ -254,7 +254,7 @@ class Trainer:
         (an optimizer step happened, all ranks agreed to stop). Labels are checked on the host batch;
         after that the step reads one small tensor back from the device."""
         check_batch(batch, self.num_classes, self.num_cameras)
-        images = batch["images"].to(self.device, dtype=self.dtype, non_blocking=True)
+        images = TrainStream.device_images(batch, self.device, self.dtype)  # uint8 over the bus, normalised there
         pids, camera, modality = (batch[k].to(self.device, non_blocking=True) for k in ("pid", "camera", "modality"))
         running_stats = [(b, b.detach().clone()) for b in self.engine.module.buffers()]  # BatchNorm statistics
 
