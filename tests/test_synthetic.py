@@ -130,8 +130,8 @@ def test_demo_shards_are_stale_after_a_generator_or_setting_change(tmp_path):
     from mip_dist.config import DataConfig
     from mip_dist.demo.prepare import ensure_synthetic_shards, synthetic_shards_ready
 
-    cfg = DataConfig(root=str(tmp_path / "syn"), shards=str(tmp_path / "sh"), synthetic_ids=3, synthetic_test_ids=2,
-                     synthetic_images_per_camera=1, img_size=(32, 16))
+    cfg = DataConfig(dataset="synthetic", root=str(tmp_path / "syn"), shards=str(tmp_path / "sh"), synthetic_ids=3,
+                     synthetic_test_ids=2, synthetic_images_per_camera=1, img_size=(32, 16))
     assert not synthetic_shards_ready(cfg)
     ensure_synthetic_shards(cfg, workers=1, progress=False)
     assert synthetic_shards_ready(cfg)
