@@ -2,7 +2,8 @@
 
 Both sides run the same torchvision v2 training transforms, batch size and DataLoader worker count
 on the same synthetic SYSU-layout set (generated and sharded on first use, cached afterwards):
-- shard stream: `build_train_stream` (webdataset tars -> PK buffer -> decode -> augment);
+- shard stream: `build_train_stream` (webdataset tars -> PK buffer -> decode -> augment), with its shard
+  verification (sha256 of each tar's bytes as they are read) and without it: what verification costs;
 - folder: an ImageFolder-like map-style Dataset over the image files, shuffled DataLoader, decoding
   with PIL as torchvision's ImageFolder does, and again with the stream's decoder (isolates I/O).
 Runs are interleaved and each is repeated; the best of the repetitions is reported, since the
@@ -188,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     b = args.batch_size
     results: dict[tuple[str, int], float] = {}
 
-    def run_stream(w: int) -> float:
+    def run_stream(w: int, verify: bool = True) -> float:
         cfg = DataConfig(shards=str(shards), batch_size=b, num_instances=args.num_instances, img_size=size,
                          workers=w, buffer_size=1024, steps_per_epoch=args.batches + 1)
-        return timed(build_train_stream(cfg, seed=0, rank=0, world_size=1), args.batches, b)
+        return timed(build_train_stream(cfg, seed=0, rank=0, world_size=1, verify=verify), args.batches, b)
 
     def run_folder(w: int, decode: Callable[[bytes, str], torch.Tensor]) -> float:
         ds = FolderDataset(paths, labels, size, decode)
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return timed(loader, args.batches, b)
 
     variants = {"shard stream": run_stream,
+                "shard stream, no verify": lambda w: run_stream(w, verify=False),
                 "folder, PIL decode": lambda w: run_folder(w, lambda d, e: decode_rgb_pil(d)),
                 "folder, same decoder": lambda w: run_folder(w, decode_rgb)}
     for rep in range(args.repeats):
@@ -217,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         s, f1, f2 = (results[("shard stream", w)], results[("folder, PIL decode", w)],
                      results[("folder, same decoder", w)])
         print(f"{w:>7} | {s:12.1f} | {f1:12.1f} | {s / f1:4.2f}x | {f2:21.1f} | {s / f2:4.2f}x")
+    print(f"\nshard verification (sha256 while reading), images/s with and without it, best of {args.repeats}:")
+    for w in args.workers:
+        on, off = results[("shard stream", w)], results[("shard stream, no verify", w)]
+        print(f"{w:>7} workers | verify on {on:9.1f} | verify off {off:9.1f} | cost {1 - on / off:6.1%}")
     if len(args.workers) > 1:
         w0, w1 = args.workers[0], args.workers[-1]
         for name in variants:

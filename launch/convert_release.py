@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -46,9 +47,25 @@ def convert(checkpoint: str, out: str, config: Optional[str] = None, overrides: 
     target = Path(out)
     if target.exists():
         raise FileExistsError(f"{target} exists; pick another output path")
+    ensure_out_folder(target)
     base = load_config(config, overrides) if config or overrides else None
     blob = release_blob(checkpoint, base=base, bug_refine=bug_refine)
     return export_model(target, blob["model"], from_dict(blob["config"]), blob["num_classes"], blob["num_cameras"])
+
+
+class OutputFolderError(ValueError):
+    """The output file's folder cannot be made or written."""
+
+
+def ensure_out_folder(target: Path) -> None:
+    """Make the output file's folder now (a missing or unwritable one fails before the conversion's work)."""
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputFolderError(f"{target}: cannot create its folder {folder} ({exc.strerror or exc})") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputFolderError(f"{target}: its folder {folder} is not writable; pick another output path")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -168,7 +168,7 @@ def worker_result(ctx: Context, name: str) -> Path:
 def train_cmd(ctx: Context, name: str, config: str, overrides: list[str], resume: bool = False) -> list[str]:
     """launch/train.py run in-process by this script's worker, which adds the run's peak GPU memory."""
     return [ctx.python, ME, "--train-worker", str(worker_result(ctx, name)), "--", "--config", config,
-            *overrides, *(["--resume", "auto"] if resume else [])]
+            *overrides, *(["--resume", "auto", "--allow-config-change", "train.epochs"] if resume else [])]
 
 
 def build_plan(ctx: Context) -> list[Section]:

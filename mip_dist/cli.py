@@ -2,10 +2,45 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
+from typing import Optional
 
 EXIT_USAGE = 2
+
+# torch's DataLoader re-raises a worker's exception as "Caught <Type> in DataLoader worker process N.\nOriginal
+# Traceback (most recent call last): ..." with the worker's whole traceback in the message
+_WRAPPED = re.compile(r"\ACaught (?P<name>\w+) (?P<where>[^\n]*)\.\nOriginal Traceback \(most recent call last\):\n")
+
+
+def worker_origin(exc: BaseException) -> Optional[tuple[str, str]]:
+    """(type name, message) of the exception a DataLoader worker or thread raised, when `exc` is torch's
+    re-raise of it (its message is the worker's traceback), else None."""
+    text = str(exc)
+    head = _WRAPPED.match(text)
+    if head is None:
+        return None
+    name, body = head["name"], text[head.end():]
+    starts = list(re.finditer(rf"^(?:[\w.]+\.)?{re.escape(name)}(?::|$)", body, re.M))
+    if not starts:
+        return None
+    return name, body[starts[-1].end():].strip()  # the last: a chained cause comes first, the raised one at the end
+
+
+def unwrap_worker_error(exc: BaseException) -> Optional[BaseException]:
+    """The exception a DataLoader worker raised, as it was raised there (same type, original one-line
+    message), when `exc` is torch's re-raise of it; None for any other exception."""
+    origin = worker_origin(exc)
+    if origin is None:
+        return None
+    name, message = origin
+    if type(exc).__name__ == name:
+        try:
+            return type(exc)(message)
+        except Exception:  # noqa: BLE001 - a constructor that wants more than a message
+            pass
+    return RuntimeError(f"{name}: {message}")
 
 
 def debug_requested(flag: bool) -> bool:
@@ -15,11 +50,14 @@ def debug_requested(flag: bool) -> bool:
 
 def report_error(exc: BaseException, debug: bool, known: tuple[type, ...] = (), prefix: str = "") -> int:
     """Print one `error:` line (the traceback first when debugging) and return exit code 2. Errors of the
-    `known` types are the user's to fix and print as they are; others name their type and the --debug hint."""
+    `known` types are the user's to fix and print as they are; others name their type and the --debug hint.
+    An error a DataLoader worker raised is reported as the worker raised it, without torch's wrapper text."""
     if debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__)
-    text = " ".join(str(exc).split())
-    if not isinstance(exc, known):
-        text = f"{type(exc).__name__}: {text}" + ("" if debug else " (run with --debug or MIP_DEBUG=1 for the traceback)")
+    shown = unwrap_worker_error(exc) or exc
+    text = " ".join(str(shown).split())
+    if not isinstance(shown, known):
+        hint = "" if debug else " (run with --debug or MIP_DEBUG=1 for the traceback)"
+        text = f"{type(shown).__name__}: {text}{hint}"
     print(f"error: {prefix}{text}", file=sys.stderr)
     return EXIT_USAGE

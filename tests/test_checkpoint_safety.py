@@ -302,7 +302,7 @@ class StubEngine:
     def __init__(self, fail: Exception | None = None) -> None:
         self.fail = fail
 
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict) -> bool:
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool = True) -> bool:
         d = Path(save_dir) / tag
         d.mkdir(parents=True, exist_ok=True)
         if self.fail is not None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Union
@@ -202,6 +203,11 @@ class DataConfig:
             need(src.protocol in ("", *PROTOCOLS), f"data.shards[{i}].protocol",
                  f"unknown protocol {src.protocol!r}; allowed: {', '.join(PROTOCOLS)}")
         names = [s.name for s in self.sources()]
+        for i, (src, name) in enumerate(zip(self.shards, names)):
+            key = f"data.shards[{i}].name" if src.name else f"data.shards[{i}].path"
+            need(re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None, key,
+                 f"dataset name {name!r} must be a plain word (letters, digits, _ or -): it names evaluation keys "
+                 "and result files" + ("" if src.name else "; set a `name` for this dataset"))
         twice = sorted({n for n in names if names.count(n) > 1})
         need(not twice, "data.shards", f"dataset name(s) {', '.join(twice)} used twice; set a distinct `name` for each")
 

@@ -6,21 +6,29 @@ non-resampled pass every shard is read by exactly one slot. A slot that runs out
 (a new permutation); in resampled mode each slot draws shards with replacement. A slot's source is
 therefore endless. Corrupt images, bad metadata and truncated or missing shards are logged (shard,
 key), counted and skipped; past `data.max_error_rate` the worker raises `DataError`.
+
+Each shard is verified as it is read: the tar reader takes its bytes through a hash (the sha256 that
+index.json lists), so verification costs no second read. A shard whose hash differs counts as one data
+error when its end is reached (its samples have been used by then; the warning names it) and is never
+kept as a clean read by the sample cache; evaluation (`strict`) refuses such a shard instead.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Optional
 from urllib.parse import urlparse
 
 import numpy as np
 import webdataset as wds
 
 from .records import INFRARED, VISIBLE
+from .shard_index import ShardError
 from .transforms import IMAGE_EXTS
 
 if TYPE_CHECKING:
@@ -30,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MIN_ERROR_DENOMINATOR = 1000  # error rate = errors / max(samples seen, this): a few early errors are not 100%
 MAX_LOGGED_ERRORS = 20  # per worker; later errors are only counted
+HASH_BLOCK = 1 << 20  # bytes per read when hashing what the tar reader left unread (the end-of-archive padding)
 
 
 class DataError(RuntimeError):
@@ -64,18 +73,19 @@ class ErrorCounter:
         self.where = where
         self.seen = 0
         self.errors = 0
+        self.last: Optional[str] = None  # the latest error, for a message that ends the run
 
     def record(self, kind: str, url: Optional[str], key: Optional[str], exc: Any) -> None:
         """One bad sample or shard: log (shard, key), count, stop the run past the allowed rate."""
         self.errors += 1
+        self.last = f"{kind} error in shard {url} at sample {key}: {exc}"
         if self.errors <= MAX_LOGGED_ERRORS:
             log.warning("%s: %s error in shard %s at sample %s: %s", self.where, kind, url, key, exc)
         elif self.errors == MAX_LOGGED_ERRORS + 1:
             log.warning("%s: more data errors; counting without logging", self.where)
         if self.errors > self.max_rate * max(self.seen, MIN_ERROR_DENOMINATOR):
             raise DataError(f"{self.where}: {self.errors} data errors in {self.seen} samples exceed "
-                            f"data.max_error_rate={self.max_rate} (last: {kind} in shard {url} at sample "
-                            f"{key}: {exc})")
+                            f"data.max_error_rate={self.max_rate} (last: {self.last})")
 
 
 def shard_size_error(url: str, expected_bytes: Optional[int]) -> Optional[str]:
@@ -91,11 +101,66 @@ def shard_size_error(url: str, expected_bytes: Optional[int]) -> Optional[str]:
     return None if size == expected_bytes else f"{size} bytes, index.json lists {expected_bytes} (truncated or replaced)"
 
 
-def iter_shard_samples(url: str, counter: ErrorCounter, expected_bytes: Optional[int] = None) -> Iterator[RawSample]:
-    """Samples of one shard via webdataset's tar reader; a shard of the wrong size is skipped and read
-    errors end the shard, each counted once against data.max_error_rate."""
+class HashingReader:
+    """A shard's byte stream that hashes whatever the tar reader takes from it: verified without a second read."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.hash = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        """Read from the shard and hash the bytes."""
+        data = self.raw.read(size)
+        self.hash.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        """The whole shard's sha256: the bytes after the tar's end marker (padding) are read and hashed first."""
+        while self.read(HASH_BLOCK):
+            pass
+        return self.hash.hexdigest()
+
+    def close(self) -> None:
+        """Close the underlying stream (a pipe cut short may complain: the read's outcome is already known)."""
+        try:
+            self.raw.close()
+        except Exception as exc:  # noqa: BLE001 - e.g. curl's exit status after an early close
+            log.debug("closing %s: %s", self.raw, exc)
+
+    def __str__(self) -> str:
+        return str(self.raw)
+
+
+def read_problem(exn: Exception) -> str:
+    """A tar read error in words, without the stream and URL objects webdataset appends to its arguments."""
+    first = str(exn.args[0]) if exn.args else str(exn)
+    # gopen's Pipe (curl for http, pipe: commands) reports "((['curl', ...],), {...}): exit 7 (read)"
+    pipe = re.match(r"\(\(\['([^']+)'.*\): exit (\d+) \(read\)", first)
+    if pipe is not None:
+        return f"{pipe[1]} exited with status {pipe[2]}"
+    return f"{type(exn).__name__}: {first.split(' @ <')[0]}"  # tar_file_iterator appends " @ <stream>"
+
+
+def changed_shard(url: str, problem: str) -> ShardError:
+    """The error evaluation raises for a test shard that is not the one index.json lists."""
+    return ShardError(f"test shard {url} {problem}: evaluation refuses it (its metrics would silently change); "
+                      "restore the file or rewrite the shards with launch/make_shards.py --overwrite")
+
+
+def hash_mismatch(got: str, expected: str) -> str:
+    """Why a shard's bytes are not the ones index.json lists, in words."""
+    return f"has sha256 {got[:16]}..., index.json lists {expected[:16]}... (changed after it was written)"
+
+
+def iter_shard_samples(url: str, counter: ErrorCounter, expected_bytes: Optional[int] = None,
+                       expected_sha256: Optional[str] = None, strict: bool = False) -> Iterator[RawSample]:
+    """Samples of one shard via webdataset's tar reader, its bytes hashed on the way. A shard of the wrong
+    size is skipped, read errors end the shard, and a hash that differs from `expected_sha256` is found at
+    its end; each counts once against data.max_error_rate, or, with `strict`, a changed shard raises ShardError."""
     problem = shard_size_error(url, expected_bytes)
     if problem is not None:
+        if strict:
+            raise changed_shard(url, problem)
         counter.record("shard", url, None, problem)
         return
     state: dict[str, Any] = {"key": None, "failed": False, "over_budget": None}
@@ -104,12 +169,45 @@ def iter_shard_samples(url: str, counter: ErrorCounter, expected_bytes: Optional
         if not state["failed"]:  # a truncated tar raises once per layer; count it once
             state["failed"] = True
             try:
-                counter.record("read", url, state["key"], exn)
+                counter.record("read", url, state["key"], read_problem(exn))
             except DataError as over:  # webdataset's outer stages would swallow it: re-raised below
                 state["over_budget"] = over
         return True
 
-    for s in wds.tariterators.tarfile_samples([{"url": url}], handler=handler):
+    opened = list(wds.tariterators.url_opener([{"url": url}], handler=handler))
+    if not opened:  # could not be opened: counted by the handler
+        if state["over_budget"] is not None:
+            raise state["over_budget"]
+        return
+    reader = HashingReader(opened[0]["stream"])
+    try:
+        yield from _samples(url, reader, counter, state, handler)
+        if expected_sha256 and (strict or not state["failed"]):  # a read error is counted already
+            _check_digest(url, reader, expected_sha256, counter, strict)
+    finally:
+        reader.close()
+
+
+def _check_digest(url: str, reader: HashingReader, expected: str, counter: ErrorCounter, strict: bool) -> None:
+    """Compare the shard's hash, once read to its end, with index.json's: count (or, strict, raise) a mismatch."""
+    try:
+        got = reader.hexdigest()
+    except Exception as exc:  # noqa: BLE001 - the rest of the stream could not be read
+        if strict:
+            raise changed_shard(url, f"cannot be read to its end ({exc})") from exc
+        counter.record("read", url, None, read_problem(exc))
+        return
+    if got != expected:
+        if strict:
+            raise changed_shard(url, hash_mismatch(got, expected))
+        counter.record("checksum", url, None, hash_mismatch(got, expected))
+
+
+def _samples(url: str, reader: HashingReader, counter: ErrorCounter, state: dict[str, Any],
+             handler: Any) -> Iterator[RawSample]:
+    """The valid samples of an opened shard; bad ones are counted and skipped."""
+    files = wds.tariterators.tar_file_expander([{"url": url, "stream": reader}], handler=handler)
+    for s in wds.tariterators.group_by_keys(files, handler=handler):
         if state["over_budget"] is not None:
             raise state["over_budget"]
         key = s.get("__key__")
@@ -160,16 +258,17 @@ class SlotSource:
 
     label_offset / camera_offset move one dataset's labels and cameras into a run's shared label and
     camera spaces when several datasets train together (0 for a single dataset). With a cache, a shard
-    read completely without errors is replayed from memory on later passes and epochs."""
+    read completely without errors (its hash included) is replayed from memory on later passes and epochs."""
 
     def __init__(self, urls: list[str], counter: ErrorCounter, *, seed: int, epoch: int, rank: int,
                  world_size: int, worker: int, num_workers: int, resampled: bool,
-                 sizes: Optional[dict[str, int]] = None, label_offset: int = 0, camera_offset: int = 0,
-                 cache: Optional[SampleCache] = None) -> None:
+                 sizes: Optional[dict[str, int]] = None, digests: Optional[dict[str, str]] = None,
+                 label_offset: int = 0, camera_offset: int = 0, cache: Optional[SampleCache] = None) -> None:
         self.urls = urls
         self.counter = counter
         self.cache = cache
         self.sizes = sizes or {}
+        self.digests = digests or {}  # url -> sha256 from index.json; shards without one are not verified
         self.label_offset, self.camera_offset = label_offset, camera_offset
         self.kw = dict(seed=seed, epoch=epoch, rank=rank, world_size=world_size, worker=worker,
                        num_workers=num_workers, resampled=resampled)
@@ -188,8 +287,9 @@ class SlotSource:
                                    camera=sample.camera + self.camera_offset) if shift else sample)
             self.passes += 1
             if got == 0:
+                last = f" (last error: {self.counter.last})" if self.counter.last else ""
                 raise DataError(f"{self.counter.where}: no readable samples in shards {shards[:4]}"
-                                f"{' ...' if len(shards) > 4 else ''}")
+                                f"{' ...' if len(shards) > 4 else ''}{last}")
 
     def _shard_samples(self, url: str) -> Iterator[RawSample]:
         """One shard's samples: from the cache if it holds them, else read (and kept if read cleanly)."""
@@ -200,11 +300,11 @@ class SlotSource:
                 yield sample
             return
         errors_before, read = self.counter.errors, []
-        for sample in iter_shard_samples(url, self.counter, self.sizes.get(url)):
+        for sample in iter_shard_samples(url, self.counter, self.sizes.get(url), self.digests.get(url)):
             if self.cache is not None:
                 read.append(sample)
             yield sample
-        if self.cache is not None and self.counter.errors == errors_before:
+        if self.cache is not None and self.counter.errors == errors_before:  # a hash mismatch is an error too
             self.cache.keep_shard(url, read)
 
     def __next__(self) -> RawSample:

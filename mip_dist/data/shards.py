@@ -10,7 +10,8 @@ input (same fingerprint) does nothing, and any run writes the same bytes for the
 Sample keys are unique by construction. A run writes into a temporary sibling folder that replaces
 the output folder only when complete, and it never replaces files that are not shards, nor another
 dataset's shards unless told to (`overwrite`; shard_folder.py). Reading an index is shard_index.py; its
-names are re-exported here for the callers that import them from this module.
+names are re-exported here for the callers that import them from this module. `verify_shards` checks a
+folder against its index (every listed shard present, its size and sha256): make_shards.py --verify.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -36,6 +37,7 @@ from .shard_folder import check_output_folder, inspect_folder, install_folder, s
 from .shard_index import (INDEX_KEYS, INDEX_NAME, INDEX_VERSION, ShardError, check_regdb_split,  # noqa: F401
                           check_split_keys, check_unique_test_keys, describe_index, read_index, shard_urls)
 from .shard_plan import Item, assign_keys, image_ext, pack_shards, sample_key  # noqa: F401
+from .shard_reader import hash_mismatch, shard_size_error
 
 log = logging.getLogger(__name__)
 
@@ -330,3 +332,44 @@ def _up_to_date(out_dir: Path, fp: str) -> Optional[dict]:
         if not f.is_file() or f.stat().st_size != s.get("bytes"):
             return None
     return index
+
+
+# ----------------------------------------------------------------------------------- verify
+
+
+def _listed_shards(folder: Path) -> list[dict]:
+    """The shard entries of a folder's index.json (refused when there is none or it cannot be read)."""
+    path = folder / INDEX_NAME
+    if not path.is_file():
+        raise ShardError(f"no {INDEX_NAME} in {folder}: nothing to verify against")
+    try:
+        shards = json.loads(path.read_text())["shards"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ShardError(f"{path}: cannot be read as a shard index ({exc})") from exc
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and "name" in s for s in shards):
+        raise ShardError(f"{path}: 'shards' is not a list of shard entries")
+    return shards
+
+
+def shard_problem(folder: Path, entry: dict) -> Optional[str]:
+    """Why one listed shard is not the file index.json describes (missing, size, sha256), else None."""
+    path = folder / entry["name"]
+    if not path.is_file():
+        return "missing"
+    wrong_size = shard_size_error(str(path), entry.get("bytes"))
+    if wrong_size is not None:
+        return wrong_size
+    if not entry.get("sha256"):
+        return "index.json lists no sha256: cannot be verified"
+    got = _sha256(path)
+    return None if got == entry["sha256"] else hash_mismatch(got, entry["sha256"])
+
+
+def verify_shards(folder: str, workers: int = 1) -> tuple[int, list[str]]:
+    """Check every shard a folder's index.json lists (present, size, sha256 of all its bytes): the number
+    checked and one line per bad shard, so a copy or a disk can be trusted before a run reads it."""
+    base = Path(folder)
+    shards = _listed_shards(base)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # hashlib releases the GIL on large blocks
+        problems = list(pool.map(lambda s: shard_problem(base, s), shards))
+    return len(shards), [f"{base / s['name']}: {p}" for s, p in zip(shards, problems) if p is not None]

@@ -8,6 +8,7 @@ source with offsets 0, so its labels and cameras are the shards' own.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,17 +97,21 @@ def resolve_sources(data_cfg: DataConfig) -> list[ResolvedSource]:
     configured = data_cfg.sources()
     if not configured:
         raise DataError("data.shards (a folder with index.json, or a list of datasets) or data.train_urls must be set")
-    seen: dict[Path, str] = {}
+    seen: dict[str, str] = {}
     out: list[ResolvedSource] = []
     labels = cameras = 0
     for i, src in enumerate(configured):
         key = "data.shards" if isinstance(data_cfg.shards, str) else f"data.shards[{i}]"
-        where = Path(src.path).resolve()
-        if where in seen:
-            raise DataError(f"{key}: {src.path} is already listed as dataset {seen[where]!r}; each dataset once "
+        index = read_index(src.path)
+        where = str(Path(src.path).resolve())
+        same = seen.get(where) or seen.get(f"fp:{index.get('fingerprint')}")
+        if same is not None:
+            how = "" if where in seen else " (a copy: its index.json has the same fingerprint)"
+            raise DataError(f"{key}: {src.path} is already listed as dataset {same!r}{how}; each dataset once "
                             "(its identities would get two labels)")
         seen[where] = src.name
-        index = read_index(src.path)
+        if index.get("fingerprint"):
+            seen[f"fp:{index['fingerprint']}"] = src.name
         urls = check_urls(shard_urls(src.path, "train", index), data_cfg.allow_pipe, key)
         out.append(_resolve(src.name, src.path, float(src.weight), urls, index, labels, cameras))
         labels += out[-1].num_classes
@@ -124,3 +129,36 @@ def label_space(data_cfg: DataConfig) -> tuple[int, int, list[ResolvedSource]]:
                         "identities and cameras is unknown; set data.shards to the folder holding it")
     last = sources[-1]
     return last.label_offset + last.num_classes, last.camera_offset + last.num_cameras, sources
+
+
+def _fingerprint(folder: str) -> Optional[str]:
+    """The fingerprint a shard folder's index.json records (its content, whatever the path), None if unreadable."""
+    try:
+        return str(json.loads((Path(folder) / INDEX_NAME).read_text())["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def dataset_identity(data_cfg: DataConfig) -> list[dict]:
+    """The training datasets in order, by content: [{fingerprint, path, weight}] (order and weights set the
+    label offsets and batch shares; the fingerprint outlives a move or copy of the folder)."""
+    if data_cfg.train_urls:
+        try:
+            folder = single_index_dir(data_cfg)
+        except (DataError, ValueError):  # a bad pattern: the data checks name it
+            folder = ""
+        return [{"fingerprint": _fingerprint(folder) if folder else None, "path": folder or data_cfg.train_urls,
+                 "weight": 1.0}]
+    return [{"fingerprint": _fingerprint(s.path), "path": str(Path(s.path).resolve()), "weight": float(s.weight)}
+            for s in data_cfg.sources()]
+
+
+def same_datasets(a: list[dict], b: list[dict]) -> bool:
+    """True if two `dataset_identity` lists name the same data: equal fingerprints (or paths, where a
+    fingerprint is unknown), in the same order, with the same weights."""
+    def same(x: dict, y: dict) -> bool:
+        known = x.get("fingerprint") and y.get("fingerprint")
+        return (x["fingerprint"] == y["fingerprint"] if known else x.get("path") == y.get("path")) \
+            and float(x.get("weight", 1.0)) == float(y.get("weight", 1.0))
+
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))

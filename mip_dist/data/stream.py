@@ -14,7 +14,10 @@ so webdataset's own splitters, which refuse world_size > 1 unless set explicitly
   is a pure function of those numbers: the stream position is (epoch, batches consumed), and a
   restored stream regenerates the epoch and skips the consumed batches without augmenting them.
 - Corrupt images, bad metadata and truncated or missing shards are logged (shard, key), counted and
-  skipped; past `data.max_error_rate` the worker raises `DataError`, which ends the run.
+  skipped; past `data.max_error_rate` the worker raises `DataError`, which ends the run. A shard whose
+  bytes hash to another sha256 than index.json lists (hashed as they are read) counts as one such error.
+- An error raised in a loader worker reaches the caller as the worker raised it (type and one-line
+  message), not as torch's re-raise with the worker's traceback flattened into its message.
 - With `data.cache_mb` (in-process loading only) shards read cleanly and decoded images stay in memory
   across passes and epochs (sample_cache.py): the same batches, without re-parsing tars and re-decoding.
 - One DataLoader serves every epoch, its workers persistent: each iteration first writes (epoch, position)
@@ -35,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mip_dist.config import DataConfig
 
-from .eval_loader import LOADER_TIMEOUT_S, build_test_loader  # noqa: F401  (callers import it from here)
+from .eval_loader import LOADER_TIMEOUT_S, build_test_loader, next_batch  # noqa: F401  (callers import it from here)
 from .pk_batch import PKBuffer, PKSource, allot_identities, form_pk_batch
 from .records import VISIBLE
 from .sample_cache import SampleCache
@@ -43,6 +46,7 @@ from .shard_index import read_index  # noqa: F401  (callers import it from here)
 from .shard_reader import DataError, ErrorCounter, RawSample, SlotSource, mix_seed
 from .sources import ResolvedSource, resolve_sources
 from .transforms import IMAGE_OPS, TrainAugment, decode_rgb, finish_images, one_thread
+from .urls import listed_per_url
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class _SourceSpec:
     camera_offset: int
     max_identities: Optional[int]  # its identities, when its index is known
     shard_bytes: tuple[tuple[str, int], ...] = ()  # sizes from index.json, checked when a shard is opened
+    shard_sha256: tuple[tuple[str, str], ...] = ()  # hashes from index.json, checked as a shard is read
 
 
 @dataclass(frozen=True)
@@ -159,8 +164,8 @@ class _EpochShare(IterableDataset):
         extra = (i,) if i else ()
         reader = SlotSource(list(src.urls), counter, seed=mix_seed(sp.seed, i) if i else sp.seed, epoch=epoch,
                             rank=sp.rank, world_size=sp.world_size, worker=worker, num_workers=num_workers,
-                            resampled=sp.resampled, sizes=dict(src.shard_bytes), label_offset=src.label_offset,
-                            camera_offset=src.camera_offset, cache=self.cache)
+                            resampled=sp.resampled, sizes=dict(src.shard_bytes), digests=dict(src.shard_sha256),
+                            label_offset=src.label_offset, camera_offset=src.camera_offset, cache=self.cache)
         buf = PKBuffer(sp.buffer_size, np.random.default_rng(mix_seed(sp.seed, epoch, sp.rank, worker, 1, *extra)))
         return PKSource(reader, buf, lambda: reader.passes, src.max_identities)
 
@@ -223,7 +228,7 @@ class TrainStream:
         while True:
             if iteration != self._iteration:  # its next batch would be the newer iteration's
                 raise RuntimeError("a newer iteration of this TrainStream restarted its loader; iterate one at a time")
-            batch = next(batches, None)
+            batch = next_batch(batches)
             if batch is None:
                 break
             stats = batch.pop("_stats")
@@ -286,6 +291,11 @@ def _warn_about_layout(src: ResolvedSource, k: int) -> None:
                     "make_shards.py --chunk-instances %d", src.name, layout["chunk_instances"], k, k)
 
 
+def _digests(src: ResolvedSource) -> dict[str, str]:
+    """The sha256 index.json lists for each of the source's shards (those it lists)."""
+    return listed_per_url(list(src.urls), src.index, lambda s: s.get("sha256"), str)
+
+
 def _steps_per_epoch(data_cfg: DataConfig, sources: list[ResolvedSource], world_size: int) -> int:
     """data.steps_per_epoch, else the training images of every dataset once over batch size x ranks."""
     if data_cfg.steps_per_epoch > 0:
@@ -296,8 +306,10 @@ def _steps_per_epoch(data_cfg: DataConfig, sources: list[ResolvedSource], world_
     return max(1, sum(totals) // (data_cfg.batch_size * world_size))
 
 
-def build_train_stream(data_cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> TrainStream:
-    """The training stream of one rank over every training dataset (data.train_urls, else data.shards)."""
+def build_train_stream(data_cfg: DataConfig, *, seed: int, rank: int, world_size: int,
+                       verify: bool = True) -> TrainStream:
+    """The training stream of one rank over every training dataset (data.train_urls, else data.shards);
+    `verify=False` skips the shard hashes (only bench_data.py, to measure what they cost)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank {rank} / world_size {world_size} is not a valid process position")
     sources = resolve_sources(data_cfg)
@@ -314,7 +326,8 @@ def build_train_stream(data_cfg: DataConfig, *, seed: int, rank: int, world_size
     if buffer != data_cfg.buffer_size:
         log.warning("data.buffer_size=%d is below two batches; using %d", data_cfg.buffer_size, buffer)
     specs = tuple(_SourceSpec(urls=s.urls, weight=s.weight, label_offset=s.label_offset, camera_offset=s.camera_offset,
-                              max_identities=s.num_classes, shard_bytes=tuple(s.shard_bytes.items())) for s in sources)
+                              max_identities=s.num_classes, shard_bytes=tuple(s.shard_bytes.items()),
+                              shard_sha256=tuple(_digests(s).items()) if verify else ()) for s in sources)
     spec = _StreamSpec(sources=specs, seed=seed, rank=rank, world_size=world_size, steps_per_epoch=steps,
                        num_ids=num_ids, num_instances=data_cfg.num_instances, buffer_size=buffer,
                        img_size=tuple(data_cfg.img_size), resampled=data_cfg.resampled,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 from urllib.parse import urlparse
 
 import webdataset as wds
@@ -10,6 +10,7 @@ import webdataset as wds
 from .shard_reader import DataError
 
 ALLOWED_SCHEMES = ("", "file", "http", "https", "pipe")
+T = TypeVar("T")
 
 
 def check_urls(urls: list[str], allow_pipe: bool, key: str = "data.train_urls") -> list[str]:
@@ -38,10 +39,11 @@ def expand_urls(spec: str) -> list[str]:
     return list(wds.shardlists.expand_urls(spec))
 
 
-def listed_per_url(urls: list[str], index: Optional[dict], field: Callable[[dict], Optional[int]]) -> dict[str, int]:
-    """`field` of each url's train shard entry in index.json, for the urls the index lists (and has it)."""
+def listed_per_url(urls: list[str], index: Optional[dict], field: Callable[[dict], Optional[Any]],
+                   kind: Callable[[Any], T] = int) -> dict[str, T]:
+    """`field` of each url's train shard entry in index.json (as `kind`), for the urls the index lists (and has it)."""
     if index is None:
         return {}
     by_name = {s["name"]: field(s) for s in index["shards"] if s["split"] == "train"}
-    return {u: int(by_name[name]) for u in urls
+    return {u: kind(by_name[name]) for u in urls
             if by_name.get(name := Path(urlparse(u).path).name) is not None}

@@ -18,17 +18,18 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .distributed import barrier
+from .distributed import CollectiveTimeoutError, barrier, collective_failure, peer_failure
 from .export import consolidated_state_dict, export_model, load_exported
 from .safe_load import CheckpointError, error_gist, safe_torch_load, weights_only_loading
-from .tags import COMPLETE, complete_tags, latest_tag, resolve_resume, tag_for, verify_tag, write_manifest
+from .tags import COMPLETE, complete_tags, resolve_resume, tag_for, verify_tag, write_manifest
 
-__all__ = ["COMPLETE", "CheckpointError", "CheckpointWriteError", "Checkpointer", "capture_rng",
+__all__ = ["COMPLETE", "LATEST", "CheckpointError", "CheckpointWriteError", "Checkpointer", "CollectiveTimeoutError", "capture_rng",
            "consolidated_state_dict", "export_model", "free_bytes", "load_exported", "resolve_resume", "restore_rng",
            "safe_torch_load", "tag_bytes", "tag_for"]
 
 log = logging.getLogger(__name__)
 
+LATEST = "latest"  # DeepSpeed's pointer to the newest tag; written here, only once that tag is complete
 _MIN_FREE = 64 * 2**20  # below this much free space a failed write is reported as a full disk
 
 
@@ -68,35 +69,54 @@ class Checkpointer:
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> Path:
         """Collective: every rank writes its shard; rank 0 marks the tag complete (with a manifest of its
-        files) and prunes old ones. A failed write raises CheckpointWriteError and leaves no marker."""
+        files), then points `latest` at it and prunes old ones. A failed write raises CheckpointWriteError and
+        leaves no marker; a peer rank that does not answer raises CollectiveTimeoutError (not a disk error)."""
         tag_dir = self.dir / tag_for(step)
         if self.is_main:  # a re-save of this step must not look finished while half-overwritten; DeepSpeed's
             (tag_dir / COMPLETE).unlink(missing_ok=True)  # opening barrier holds the other ranks until here
-        try:
-            engine.save_checkpoint(str(self.dir), tag=tag_dir.name, client_state=client_state)
+        try:  # DeepSpeed's own `latest` would name the tag before the other ranks and the marker are done
+            engine.save_checkpoint(str(self.dir), tag=tag_dir.name, client_state=client_state, save_latest=False)
         except (OSError, RuntimeError) as exc:
+            if peer_failure(exc):
+                raise collective_failure(f"checkpoint {tag_dir}: DeepSpeed's save_checkpoint (its barriers and "
+                                         "gathers between ranks)", exc) from exc
             raise self._write_failure(tag_dir, exc) from exc
-        barrier()
+        self._barrier(f"checkpoint {tag_dir}: the barrier after every rank wrote its files")
         if self.is_main:
             try:
                 write_manifest(tag_dir, step)
+                _write_latest(self.dir, tag_dir.name)
             except OSError as exc:
                 raise self._write_failure(tag_dir, exc) from exc
             self._prune()
-        barrier()
+        self._barrier(f"checkpoint {tag_dir}: the barrier after rank 0 marked it complete")
         self.last_saved_step = step
         log.info("saved checkpoint %s", tag_dir)
         return tag_dir
 
+    @staticmethod
+    def _barrier(what: str) -> None:
+        """A barrier whose timeout names itself (a peer rank that did not answer), never the disk."""
+        try:
+            barrier()
+        except RuntimeError as exc:
+            if peer_failure(exc):
+                raise collective_failure(what, exc) from exc
+            raise
+
     def _write_failure(self, tag_dir: Path, exc: BaseException) -> CheckpointWriteError:
         """The one-line error for a failed write (folder, free space, cause); rank 0 drops the partial tag."""
         free = free_bytes(self.dir)
-        previous = latest_tag(self.dir)
-        need = tag_bytes(previous) if previous is not None and previous != tag_dir else 0
+        previous = next((t for t in reversed(complete_tags(self.dir)) if t != tag_dir), None)
+        need = tag_bytes(previous) if previous is not None else 0
         full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
             free is not None and free < max(need, _MIN_FREE))
         if self.is_main:
             shutil.rmtree(tag_dir, ignore_errors=True)  # never marked complete; frees the space it took
+            if previous is not None:  # `latest` names an intact tag, or none
+                _write_latest(self.dir, previous.name, missing_ok=True)
+            else:
+                (self.dir / LATEST).unlink(missing_ok=True)
         cause = "no space left on the disk" if full else "the write failed"
         size = f"; the previous checkpoint took {_human(need)}" if need else ""
         return CheckpointWriteError(
@@ -123,11 +143,25 @@ class Checkpointer:
             except CheckpointError:
                 raise
             except (RuntimeError, OSError, EOFError, KeyError, AssertionError, ValueError) as exc:
-                raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it into this engine "
-                                      f"({error_gist(exc)})") from exc
+                gist = error_gist(exc).replace(" for DictOutput", "")  # the engine's wrapper means nothing here
+                raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it into this engine ({gist}); "
+                                      "were the model.* keys changed since it was written?") from exc
         if load_path is None:
             raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it (no model states file for this rank)")
         return client_state
+
+
+def _write_latest(ckpt_dir: Path, tag: str, missing_ok: bool = False) -> None:
+    """Point DeepSpeed's `latest` file at a complete tag (atomic: never half-written, never ahead of COMPLETE)."""
+    if missing_ok and not ckpt_dir.is_dir():
+        return
+    tmp = ckpt_dir / f"{LATEST}.tmp"
+    try:
+        tmp.write_text(tag)
+        tmp.replace(ckpt_dir / LATEST)
+    except OSError:
+        if not missing_ok:
+            raise
 
 
 def free_bytes(folder: Path) -> Optional[int]:

@@ -10,7 +10,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -154,6 +154,34 @@ def launcher_env(local_rank_arg: int = -1) -> dict[str, str]:
 
 
 DEFAULT_COLLECTIVE_TIMEOUT_S = {"cpu": 300.0, "cuda": 600.0}
+_timeout_s: Optional[float] = None  # this process group's collective timeout, for messages
+# what gloo and NCCL say when a peer rank stops answering: it hung (timeout) or died (connection dropped)
+_PEER_FAILURE = re.compile(r"timed out|timeout|connection (reset|closed) by peer|pair closure|broken pipe|"
+                           r"communicator was aborted|remote process exited|socket closed", re.IGNORECASE)
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective did not complete because a peer rank did not answer; the message names the collective."""
+
+
+def peer_failure(exc: BaseException) -> bool:
+    """True if `exc` is a collective that failed for want of a peer rank (a timeout or a dropped connection),
+    not an error of this rank's own work: torch's distributed errors, and gloo's RuntimeErrors by their text."""
+    if isinstance(exc, OSError):
+        return False
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_PEER_FAILURE.search(str(exc)))
+
+
+def collective_failure(what: str, exc: BaseException) -> CollectiveTimeoutError:
+    """The one-line error for a collective that a peer rank did not answer: which one, the timeout, what to read."""
+    limit = f" within {_timeout_s:g} s (train.collective_timeout_s)" if _timeout_s else ""
+    gist = " ".join(str(exc).split())[:160]
+    return CollectiveTimeoutError(f"{what}: a peer rank did not answer{limit}, so the collective timed out or lost "
+                                  f"its connection ({type(exc).__name__}: {gist}); another rank crashed, hung or is "
+                                  "still busy: read the other ranks' logs; the disk is not the cause")
 
 
 def collective_timeout(seconds: float, device: torch.device) -> timedelta:
@@ -187,6 +215,7 @@ def init_distributed(device_preference: str = "auto", local_rank_arg: int = -1,
                      timeout_s: float = 0.0) -> DistEnv:
     """Start the process group through DeepSpeed: nccl on GPUs, gloo on CPUs; collectives time out
     after `timeout_s` (0: the device's default), so a hung rank ends the job instead of blocking it."""
+    global _timeout_s
     import deepspeed
 
     env = launcher_env(local_rank_arg)
@@ -203,6 +232,7 @@ def init_distributed(device_preference: str = "auto", local_rank_arg: int = -1,
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
     if not dist.is_initialized():
         timeout = collective_timeout(timeout_s, device)
+        _timeout_s = timeout.total_seconds()
         _default_group_timeout(timeout)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     log.info("rank %d/%d (local %d) on %s, backend %s, master %s:%s",

@@ -104,6 +104,18 @@ def _quick_load(path: Path) -> Any:
     return safe_torch_load(path, "cpu", training_globals(), mmap=zipfile.is_zipfile(path))
 
 
+RESUME_KEYS = ("mip_config", "world_size", "epoch", "step", "datasets")  # client state a resume is checked against
+
+
+def saved_client_state(tag_dir: Path) -> dict[str, Any]:
+    """What a tag's client state says about its run (config, world size, position, datasets), read from the
+    rank-0 model states with tensor data memory-mapped: cheap enough to check before any start-up."""
+    meta = _quick_load(_model_states_file(tag_dir))
+    if not isinstance(meta, dict):
+        raise DamagedCheckpointError(f"{_model_states_file(tag_dir)}: not a DeepSpeed model states file")
+    return {k: meta[k] for k in RESUME_KEYS if k in meta}
+
+
 _VERIFIED: set[tuple] = set()  # (tag, (name, size, mtime) of every file) that passed verify_tag in this process
 
 

@@ -19,6 +19,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mip_dist.config import Config, from_dict, save_config, to_dict
 from mip_dist.data.batch import check_batch
+from mip_dist.data.sources import dataset_identity
 from mip_dist.data.stream import TrainStream, build_train_stream
 from mip_dist.eval.report import plot_loss_curve
 from mip_dist.losses import MIPLoss
@@ -29,7 +30,7 @@ from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier, br
 from .ds_config import load_ds_config
 from .metrics_log import MetricsLogger, StepTimer, format_train_record
 from .optim import build_optimizer, build_param_groups, freeze_backbone, set_lr
-from .run_checks import check_data_for_run
+from .run_checks import check_data_for_run, check_resume
 from .run_dir import FINISHED, RunDirError, agree_run_dir, resolve_run_dir
 from .train_utils import (clips_in_trainer, config_diff, grad_norm_stage0, grad_norm_zero, lr_mult, main_thread,
                           non_finite_tensors, read_floats, seed_everything, to_float32)
@@ -51,10 +52,14 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     """Trains MIP with a DeepSpeed engine; `fit()` runs to the end (or to SIGTERM) and returns a summary."""
 
-    def __init__(self, cfg: Config, env: DistEnv, resume: Optional[str] = None) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, resume: Optional[str] = None,
+                 allow_config_change: tuple[str, ...] = ()) -> None:
         self.cfg, self.env = cfg, env
         self.is_main = env.is_main
-        self.run_dir, resume_tag = agree_run_dir(cfg, resume, self.is_main)
+        self.run_dir, resume_tag = agree_run_dir(cfg, resume, self.is_main)  # rank 0 holds its run.lock
+        # before the engine: a resume that would change what its steps or weights mean stops here, on every rank
+        self.resume_changes = ({} if resume_tag is None else
+                               check_resume(cfg, resume_tag, env.world_size, tuple(allow_config_change)))
         self.num_classes, self.num_cameras, self.sources = check_data_for_run(cfg, log_to=log if self.is_main else None)
         seed_everything(cfg.train.seed)  # identical model init on every rank
         self.clip_here = clips_in_trainer(cfg.train.precision, cfg.train.zero_stage)
@@ -153,18 +158,23 @@ class Trainer:
             "world_size": self.env.world_size,
             "ranks": all_gather_object(mine),
             "mip_config": to_dict(self.cfg),
+            "datasets": dataset_identity(self.cfg.data),  # by content: a resume from a moved copy is the same run
         }
 
     def _restore(self, tag: Path) -> None:
         """Load a checkpoint and put back epoch, stream position, RNG and best metric."""
         state = ckpt.Checkpointer.load(self.engine, tag)
-        if state.get("world_size") != self.env.world_size:
-            raise RuntimeError(f"checkpoint {tag} was written by {state.get('world_size')} ranks; this job has "
-                               f"{self.env.world_size} (exact resume needs the same world size)")
+        if state.get("world_size") != self.env.world_size:  # checked before start-up; this tag changed since
+            raise ckpt.CheckpointError(f"checkpoint {tag} was written by {state.get('world_size')} ranks; this job "
+                                       f"has {self.env.world_size} (an exact resume needs the same world size)")
         saved = from_dict(state["mip_config"])
         diffs = config_diff(to_dict(saved), to_dict(self.cfg))
         if diffs and self.is_main:
             log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(diffs))
+        if self.is_main and self.resume_changes:  # permitted by --allow-config-change: the run's config now
+            log.info("continuing %s with %s (--allow-config-change)", self.run_dir,
+                     "; ".join(f"{k}: {v}" for k, v in self.resume_changes.items()))
+            save_config(self.cfg, self.run_dir / "config.yaml")
         self.epoch, self.micro_in_epoch = int(state["epoch"]), int(state["micro_in_epoch"])
         self.bad_total = int(state.get("bad_steps_total", 0))
         self.validator.load_state_dict(state)
@@ -172,6 +182,8 @@ class Trainer:
         ckpt.restore_rng(mine["rng"])
         self._stream_state = mine["stream"]
         self.checkpointer.last_saved_step = self.step
+        if self.is_main and self.step < self.total_steps:  # more epochs: not finished until they are done
+            (self.run_dir / FINISHED).unlink(missing_ok=True)
         if self.is_main:
             log.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", tag, self.step, self.epoch,
                      self.micro_in_epoch)
