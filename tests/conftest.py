@@ -104,3 +104,15 @@ def run_probe(source: str, folder: Path, overrides: list[str], timeout: int = 30
                        text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": path})
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def load_launch_script(name: str, alias: str = "") -> object:
+    """launch/<name>.py as a module (entry points are scripts, not package modules); `alias` names the module
+    when a test file wants its own copy (module-level state such as parsed defaults stays apart)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "launch" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(alias or f"launch_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -72,6 +72,11 @@ def process_group():
     yield
     if started and dist.is_initialized():
         dist.destroy_process_group()
+        import deepspeed.comm.comm as ds_comm
+        import deepspeed.utils.groups as ds_groups
+
+        ds_comm.cdb = None  # DeepSpeed's handles on the destroyed groups: a later module's group starts afresh
+        ds_groups._WORLD_GROUP = None
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

@@ -3,8 +3,6 @@ only with --debug or MIP_DEBUG=1. Every bad input here fails before any heavy wo
 feature extraction), so the whole file runs in seconds."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,19 +10,14 @@ import torch
 
 from mip_dist.config import load_config, to_dict
 
+from conftest import load_launch_script
+from test_data_layouts import make_regdb
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_data_layouts import make_regdb  # noqa: E402
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"cli_{name}", ROOT / "launch" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-make_shards, train, evaluate = _load("make_shards"), _load("train"), _load("evaluate")
+make_shards, train, evaluate = (load_launch_script(name, f"cli_{name}")
+                                for name in ("make_shards", "train", "evaluate"))
 
 
 def _one_error_line(capsys, *needles: str) -> str:

@@ -3,10 +3,8 @@ while features are extracted, protocols checked against the shards, RegDB splits
 hold, one results file per dataset, and rank-list figures that say what their numbers are."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,20 +15,14 @@ from mip_dist.data.shards import write_shards
 from mip_dist.eval import visualize as vis
 from mip_dist.eval.protocols import build_settings
 
+from conftest import load_launch_script
+from test_data_layouts import make_regdb, make_sysu
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_data_layouts import make_regdb, make_sysu  # noqa: E402
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("day_one_evaluate", ROOT / "launch" / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cli = _load_cli()
+cli = load_launch_script("evaluate", "day_one_evaluate")
 
 
 @pytest.fixture(autouse=True)

@@ -2,30 +2,22 @@
 a protocol that cannot evaluate them refused before any work, and the final table printed once."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from conftest import load_launch_script
+from test_cli_errors import regdb_split2_shards  # noqa: F401 - fixture reused
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_cli_errors import regdb_split2_shards  # noqa: E402,F401 - fixture reused
 
 
-def _load_train():
-    spec = importlib.util.spec_from_file_location("day_one_train", ROOT / "launch" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-train = _load_train()
+train = load_launch_script("train", "day_one_train")
 SMALL_BATCH = ["data.batch_size=8", "data.num_instances=2"]  # 2 identities: the fabricated split has 3
 
 

@@ -1,9 +1,7 @@
 """Mean ± std over splits (RegDB / LLCM style): the numbers, the table, and evaluate.py's multi-split results.json."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +9,10 @@ import pytest
 
 from mip_dist.eval.report import aggregate_splits, format_table
 
+from conftest import load_launch_script
+from test_cli_errors import _regdb_checkpoint, regdb_split2_shards  # noqa: F401 - fixture reused
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_cli_errors import _regdb_checkpoint, regdb_split2_shards  # noqa: E402,F401 - fixture reused
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("cli_evaluate_agg", ROOT / "launch" / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _split(r1: float, map_: float, minp: float, trials: int = 1) -> dict:
@@ -60,7 +52,7 @@ def test_settings_missing_from_a_split_are_left_out():
 
 def test_evaluate_cli_several_pairs_writes_per_split_and_aggregate(tmp_path, regdb_split2_shards, capsys,
                                                                    monkeypatch):
-    cli = _load_cli()
+    cli = load_launch_script("evaluate", "cli_evaluate_agg")
     figures = iter([_split(80, 70, 50), _split(84, 74, 52), _split(86, 78, 57)])
     seen = []
 

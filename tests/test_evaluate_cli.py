@@ -1,7 +1,6 @@
 """launch/evaluate.py: checkpoint/config/protocol errors, the table, figures, and the run end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,18 +13,13 @@ from mip_dist.engine.export import load_exported
 from mip_dist.engine.safe_load import CheckpointError
 from mip_dist.eval import visualize as vis
 
+from conftest import load_launch_script
+
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("launch_evaluate", ROOT / "launch" / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cli = _load_cli()
+cli = load_launch_script("evaluate", "launch_evaluate")
 
 
 @pytest.fixture(scope="module")

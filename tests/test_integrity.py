@@ -3,7 +3,6 @@ found as it is read, counted against data.max_error_rate and named, never cached
 evaluation; make_shards.py --verify checks a folder; an error in a loader worker reaches the user as one line."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -18,18 +17,13 @@ from mip_dist.config import DataConfig
 from mip_dist.data.shard_index import ShardError
 from mip_dist.data.stream import DataError, build_test_loader, build_train_stream
 
+from conftest import load_launch_script
 from test_train_distributed import make_tiny_shards
+
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "launch" / "train.py")
 WRAPPER = ("Traceback", "DataLoader worker process", "Original")
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"integrity_{name}", REPO / "launch" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def flip_image_byte(tar: Path) -> None:
@@ -136,7 +130,7 @@ def test_evaluate_cli_refuses_a_changed_test_shard_in_one_line(flipped, counted,
     monkeypatch.delenv("MIP_DEBUG", raising=False)
     root, model = flipped[0], counted[1]
     assert model.is_file(), counted[0].stderr[-3000:]
-    evaluate = _load("evaluate")
+    evaluate = load_launch_script("evaluate", "integrity_evaluate")
     assert evaluate.main(["--checkpoint", str(model), "--shards", str(root / "shards"), "--device", "cpu",
                           "data.workers=1"]) == 2
     line = _one_line(capsys.readouterr().err)  # besides the progress lines
@@ -144,7 +138,7 @@ def test_evaluate_cli_refuses_a_changed_test_shard_in_one_line(flipped, counted,
 
 
 def test_make_shards_verify_names_each_bad_shard(tiny, tmp_path, capsys):
-    make_shards = _load("make_shards")
+    make_shards = load_launch_script("make_shards", "integrity_make_shards")
     good = tiny[0] / "shards"
     assert make_shards.main(["--verify", str(good)]) == 0
     assert "all 2 shards" in capsys.readouterr().out

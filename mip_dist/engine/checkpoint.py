@@ -8,12 +8,13 @@ loader); the names of theirs that the trainer and the entry points use are re-ex
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -23,8 +24,8 @@ from .export import consolidated_state_dict, export_model, load_exported
 from .safe_load import CheckpointError, error_gist, safe_torch_load, weights_only_loading
 from .tags import COMPLETE, complete_tags, resolve_resume, tag_for, verify_tag, write_manifest
 
-__all__ = ["COMPLETE", "LATEST", "CheckpointError", "CheckpointWriteError", "Checkpointer", "CollectiveTimeoutError", "capture_rng",
-           "consolidated_state_dict", "export_model", "free_bytes", "load_exported", "resolve_resume", "restore_rng",
+__all__ = ["COMPLETE", "LATEST", "CheckpointError", "CheckpointWriteError", "Checkpointer", "CollectiveTimeoutError",
+           "capture_rng", "consolidated_state_dict", "export_model", "free_bytes", "load_exported", "resolve_resume", "restore_rng",
            "safe_torch_load", "tag_bytes", "tag_for"]
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,15 @@ class Checkpointer:
         if self.is_main:  # a re-save of this step must not look finished while half-overwritten; DeepSpeed's
             (tag_dir / COMPLETE).unlink(missing_ok=True)  # opening barrier holds the other ranks until here
         try:  # DeepSpeed's own `latest` would name the tag before the other ranks and the marker are done
-            engine.save_checkpoint(str(self.dir), tag=tag_dir.name, client_state=client_state, save_latest=False)
+            with _peers_named(f"checkpoint {tag_dir}: DeepSpeed's save_checkpoint (its barriers and gathers "
+                              "between ranks)"):
+                engine.save_checkpoint(str(self.dir), tag=tag_dir.name, client_state=client_state, save_latest=False)
         except (OSError, RuntimeError) as exc:
-            if peer_failure(exc):
-                raise collective_failure(f"checkpoint {tag_dir}: DeepSpeed's save_checkpoint (its barriers and "
-                                         "gathers between ranks)", exc) from exc
+            if isinstance(exc, CollectiveTimeoutError):
+                raise
             raise self._write_failure(tag_dir, exc) from exc
-        self._barrier(f"checkpoint {tag_dir}: the barrier after every rank wrote its files")
+        with _peers_named(f"checkpoint {tag_dir}: the barrier after every rank wrote its files"):
+            barrier()
         if self.is_main:
             try:
                 write_manifest(tag_dir, step)
@@ -89,20 +92,11 @@ class Checkpointer:
             except OSError as exc:
                 raise self._write_failure(tag_dir, exc) from exc
             self._prune()
-        self._barrier(f"checkpoint {tag_dir}: the barrier after rank 0 marked it complete")
+        with _peers_named(f"checkpoint {tag_dir}: the barrier after rank 0 marked it complete"):
+            barrier()
         self.last_saved_step = step
         log.info("saved checkpoint %s", tag_dir)
         return tag_dir
-
-    @staticmethod
-    def _barrier(what: str) -> None:
-        """A barrier whose timeout names itself (a peer rank that did not answer), never the disk."""
-        try:
-            barrier()
-        except RuntimeError as exc:
-            if peer_failure(exc):
-                raise collective_failure(what, exc) from exc
-            raise
 
     def _write_failure(self, tag_dir: Path, exc: BaseException) -> CheckpointWriteError:
         """The one-line error for a failed write (folder, free space, cause); rank 0 drops the partial tag."""
@@ -149,6 +143,18 @@ class Checkpointer:
         if load_path is None:
             raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it (no model states file for this rank)")
         return client_state
+
+
+@contextlib.contextmanager
+def _peers_named(what: str) -> Iterator[None]:
+    """Collectives inside whose timeout or lost peer is raised as a CollectiveTimeoutError naming `what`
+    (a peer rank that did not answer), never as a disk error."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if not isinstance(exc, CollectiveTimeoutError) and peer_failure(exc):
+            raise collective_failure(what, exc) from exc
+        raise
 
 
 def _write_latest(ckpt_dir: Path, tag: str, missing_ok: bool = False) -> None:
