@@ -24,5 +24,10 @@ setup(
         "numpy>=1.24",
         "scikit-learn>=1.3",
     ],
-    extras_require={"dev": ["pytest>=7.4", "pytest-timeout>=2.2"]},
+    extras_require={
+        # launch/search.py (FAISS index; torch.topk without it) and launch/export_onnx.py (checked by onnxruntime)
+        "deploy": ["faiss-cpu>=1.8", "onnx>=1.16", "onnxscript>=0.1", "onnxruntime>=1.18"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "faiss-cpu>=1.8", "onnx>=1.16", "onnxscript>=0.1",
+                "onnxruntime>=1.18"],
+    },
 )
