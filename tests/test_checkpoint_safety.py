@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DType = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+from conftest import flip_inside_largest_tensor
 from test_evaluate_cli import cli  # launch/evaluate.py loaded as a module
 
 
@@ -253,6 +254,35 @@ def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(engine0, tmp_pa
     err = _error_of(ckpt.Checkpointer.load, engine, bad)
     assert isinstance(err, safe_load.CheckpointError) and str(bad) in _one_line(str(err))
     assert ckpt.Checkpointer.load(engine, good)["step"] == 1
+
+
+def _tensors(obj) -> list:
+    """Every tensor inside nested dicts/lists, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return [t for item in items for t in _tensors(item)]
+
+
+def test_a_flipped_byte_inside_a_tensor_is_named_and_resume_falls_back(engine0, tmp_path, caplog):
+    engine, cfg = engine0
+    run = tmp_path / "run"
+    c = ckpt.Checkpointer(run, keep_last=3, is_main=True)
+    good = c.save(engine, 1, client_state(cfg))
+    bad = c.save(engine, 2, client_state(cfg))
+    states = bad / "mp_rank_00_model_states.pt"
+    before = _tensors(torch.load(states, weights_only=False))
+    flip_inside_largest_tensor(states)
+    after = _tensors(torch.load(states, weights_only=False))  # still a readable file, one tensor changed
+    assert len(before) == len(after) and sum(not torch.equal(a, b) for a, b in zip(before, after)) == 1
+    manifest = tags.read_manifest(bad)
+    assert all(e.sha256 and len(e.sha256) == 64 for e in manifest.values())
+    with caplog.at_level(logging.WARNING, logger=tags.__name__):
+        assert tags.resolve_resume("auto", run, tmp_path) == good
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and str(states) in warned[0] and "bytes changed" in warned[0] and str(good) in warned[0]
+    err = _error_of(ckpt.Checkpointer.load, engine, bad)
+    assert isinstance(err, safe_load.DamagedCheckpointError) and str(states) in _one_line(str(err))
 
 
 def test_an_unchanged_tag_is_unpickled_once_and_a_changed_one_again(engine0, tmp_path, monkeypatch):

@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 from mip_dist.cli import report_error
 from mip_dist.config import DataConfig
 from mip_dist.data.shard_index import ShardError
 from mip_dist.data.stream import DataError, build_test_loader, build_train_stream
+from mip_dist.engine.file_hash import sha256_file, sidecar_path, write_sidecar
 
-from conftest import load_launch_script
+from conftest import flip_inside_largest_tensor, load_launch_script
 from test_train_distributed import make_tiny_shards
 
 
@@ -182,3 +184,47 @@ def test_a_worker_error_reaches_the_user_as_one_line(tiny, tmp_path, kind, capsy
     assert report_error(exc, debug=False) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: DataError: rank 0 worker 0: ") and f"{tar}" in err[0]
+
+
+# ------------------------------------------------------------------ exported models carry a sha256 sidecar
+
+
+def test_an_exported_model_has_a_sidecar_that_sha256sum_accepts(counted):
+    model = counted[1]
+    assert model.is_file(), counted[0].stderr[-3000:]
+    side = sidecar_path(model)
+    assert side.read_text() == f"{sha256_file(model)}  {model.name}\n"
+    if shutil.which("sha256sum"):
+        assert subprocess.run(["sha256sum", "-c", side.name], cwd=model.parent, capture_output=True).returncode == 0
+
+
+def test_evaluate_refuses_an_exported_model_with_a_flipped_byte(tiny, counted, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MIP_DEBUG", raising=False)
+    model = tmp_path / "model_final.pt"
+    shutil.copy(counted[1], model)
+    shutil.copy(sidecar_path(counted[1]), sidecar_path(model))
+    flip_inside_largest_tensor(model)  # still a loadable torch file: only the hash can tell
+    evaluate = load_launch_script("evaluate", "integrity_evaluate")
+    assert evaluate.main(["--checkpoint", str(model), "--shards", str(tiny[0] / "shards"), "--device", "cpu"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {model}: its bytes hash to sha256 ") and "model_final.pt.sha256" in line, line
+    sidecar_path(model).unlink()  # a model copied without its sidecar is hashed and used
+    assert evaluate.main(["--checkpoint", str(model), "--shards", str(tiny[0] / "shards"), "--device", "cpu",
+                          "eval.trials=1"]) == 0
+
+
+def test_convert_release_checks_a_sidecar_beside_the_authors_file(tmp_path, capsys):
+    from test_release import TINY, release_model, to_their_naming
+
+    _, ours = release_model()
+    src = tmp_path / "theirs.pth"
+    torch.save(to_their_naming(ours), src)
+    write_sidecar(src)
+    flip_inside_largest_tensor(src)
+    convert = load_launch_script("convert_release", "integrity_convert")
+    assert convert.main([str(src), str(tmp_path / "out.pt"), "--config", str(TINY)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert str(src) in line and "theirs.pth.sha256" in line and not (tmp_path / "out.pt").exists(), line
+    write_sidecar(src)  # recorded again for the file as it is now: converts, and the output gets its own sidecar
+    assert convert.main([str(src), str(tmp_path / "out.pt"), "--config", str(TINY)]) == 0
+    assert sidecar_path(tmp_path / "out.pt").read_text().split()[0] == sha256_file(tmp_path / "out.pt")

@@ -12,6 +12,7 @@ import torch
 
 from mip_dist.config import Config, to_dict
 
+from .file_hash import check_sidecar, sha256_file, sidecar_path, write_sidecar
 from .safe_load import CheckpointError, numpy_globals, safe_torch_load
 from .tags import verify_tag
 
@@ -90,14 +91,18 @@ def _fp32_masters(optimizer: Any) -> dict[int, torch.Tensor]:
 def export_model(path: Path, state_dict: dict, cfg: Config, num_classes: int, num_cameras: int,
                  datasets: Optional[list[dict]] = None) -> Path:
     """Write the evaluation/inference file: {"model", "config", "num_classes", "num_cameras"} (atomic), plus
-    "datasets" for a model trained on several: each one's name, path, protocol and label/camera offsets."""
+    "datasets" for a model trained on several: each one's name, path, protocol and label/camera offsets; and
+    its `<file>.sha256` sidecar, which every loader checks."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     blob = {"model": state_dict, "config": to_dict(cfg), "num_classes": num_classes, "num_cameras": num_cameras}
     if datasets:
         blob["datasets"] = datasets
     torch.save(blob, tmp)
+    digest = sha256_file(tmp)
+    sidecar_path(path).unlink(missing_ok=True)  # a crash between the two renames leaves no stale sidecar
     tmp.replace(path)
-    log.info("exported fp32 model to %s", path)
+    write_sidecar(path, digest)
+    log.info("exported fp32 model to %s (sha256 %s..., in %s)", path, digest[:12], sidecar_path(path).name)
     return path
 
 
@@ -111,7 +116,8 @@ def _exported_beside(file: Path) -> str:
 def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a file written by `export_model` with weights_only=True (tensors and plain values only: a file
     from elsewhere cannot run code), checking its keys. Anything else (a folder, a DeepSpeed tag file, a
-    foreign pickle, garbage) is a one-line CheckpointError naming the file and what to pass instead."""
+    foreign pickle, garbage) is a one-line CheckpointError naming the file and what to pass instead; so is a
+    file whose bytes differ from its `.sha256` sidecar."""
     file = Path(path)
     if file.is_dir():
         raise CheckpointError(f"{file} is a folder; {EXPECTED}")
@@ -120,6 +126,7 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
     if _DEEPSPEED_FILE.match(file.name):
         raise CheckpointError(f"{file} is a DeepSpeed training checkpoint file, not an exported model; "
                               f"pass {_exported_beside(file)}")
+    check_sidecar(file)  # a changed byte is named here, before any weights are used
     try:  # NumPy arrays allowed only so that a renamed DeepSpeed file (its RNG state) is recognised below
         blob = safe_torch_load(file, map_location, allow=numpy_globals())
     except CheckpointError as exc:  # unpickling refused or not a torch.save file: keep the subclass

@@ -70,3 +70,10 @@ def check_sidecar(path: str | Path) -> str:
     if recorded is None:
         log.debug("%s has no %s sidecar; hashed it (%s...)", path, SIDECAR_SUFFIX, digest[:16])
     return digest
+
+
+def verify_recorded(path: str | Path) -> None:
+    """`check_sidecar` only where a sidecar exists (a file without one is not read twice): for weights that
+    are usually downloaded alone (the authors' checkpoints, ImageNet weights) but may travel with a sidecar."""
+    if sidecar_path(path).is_file():
+        check_sidecar(path)

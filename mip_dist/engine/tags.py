@@ -7,10 +7,12 @@ import contextlib
 import json
 import logging
 import re
+import time
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
+from .file_hash import sha256_file
 from .safe_load import CheckpointError, DamagedCheckpointError, error_gist, safe_torch_load, training_globals
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,16 @@ def latest_tag(ckpt_dir: Path) -> Optional[Path]:
     return tags[-1] if tags else None
 
 
-def read_manifest(tag_dir: Path) -> Optional[dict[str, int]]:
-    """{file: size} recorded in the tag's COMPLETE marker; None for a marker written before manifests existed."""
+class ManifestEntry(NamedTuple):
+    """One file of a tag as the checkpointer wrote it: its size and (manifests since integrity hashes) sha256."""
+
+    bytes: int
+    sha256: Optional[str]
+
+
+def read_manifest(tag_dir: Path) -> Optional[dict[str, ManifestEntry]]:
+    """{file: (size, sha256)} recorded in the tag's COMPLETE marker (sha256 None in manifests written before
+    hashes were); None for a marker written before manifests existed."""
     marker = tag_dir / COMPLETE
     try:
         text = marker.read_text()
@@ -58,19 +68,24 @@ def read_manifest(tag_dir: Path) -> Optional[dict[str, int]]:
         return None
     try:
         files = json.loads(text)["files"]
-        return {str(k): int(v) for k, v in files.items()}
+        return {str(k): ManifestEntry(int(v), None) if isinstance(v, int)
+                else ManifestEntry(int(v["bytes"]), str(v["sha256"])) for k, v in files.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DamagedCheckpointError(f"{marker}: damaged completion marker (not the JSON manifest the "
                                      "checkpointer writes)") from exc
 
 
 def write_manifest(tag_dir: Path, step: int) -> None:
-    """Mark the tag complete with {step, files: {name: size}} (atomic), so a later resume can check it."""
-    files = {p.relative_to(tag_dir).as_posix(): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-             if p.is_file() and not p.name.startswith(COMPLETE)}
+    """Mark the tag complete with {step, files: {name: {bytes, sha256}}} (atomic), so a later resume can check
+    every file's size and bytes. Hashing reads the tag once (see the README for its seconds per GB)."""
+    start = time.perf_counter()
+    paths = [p for p in sorted(tag_dir.rglob("*")) if p.is_file() and not p.name.startswith(COMPLETE)]
+    files = {p.relative_to(tag_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths}
     tmp = tag_dir / f"{COMPLETE}.tmp"
     tmp.write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
     tmp.replace(tag_dir / COMPLETE)
+    total = sum(f["bytes"] for f in files.values())
+    log.debug("hashed %s: %.1f MB in %.2f s", tag_dir.name, total / 1e6, time.perf_counter() - start)
 
 
 def _model_states_file(tag_dir: Path) -> Path:
@@ -140,15 +155,15 @@ def verify_tag(tag_dir: Path) -> None:
 
 
 def _verify_files(tag_dir: Path) -> None:
-    """verify_tag's checks: manifest sizes, DeepSpeed's expected files, every file unpickles."""
+    """verify_tag's checks: manifest sizes and sha256, DeepSpeed's expected files, every file unpickles."""
     manifest = read_manifest(tag_dir) or {}
-    for name, size in manifest.items():
+    for name, entry in manifest.items():
         f = tag_dir / name
         if not f.is_file():
             raise DamagedCheckpointError(f"{f}: missing (the checkpoint was written with it)")
-        if f.stat().st_size != size:
-            raise DamagedCheckpointError(f"{f}: {f.stat().st_size} bytes but {size} when written (truncated or "
-                                         "overwritten)")
+        if f.stat().st_size != entry.bytes:
+            raise DamagedCheckpointError(f"{f}: {f.stat().st_size} bytes but {entry.bytes} when written (truncated "
+                                         "or overwritten)")
     states = _model_states_file(tag_dir)
     meta = _quick_load(states)
     if not isinstance(meta, dict) or "module" not in meta:
@@ -158,28 +173,33 @@ def _verify_files(tag_dir: Path) -> None:
             raise DamagedCheckpointError(f"{tag_dir / name}: missing (DeepSpeed wrote one per rank)")
     for f in sorted(({tag_dir / n for n in manifest if n.endswith(".pt")} | set(tag_dir.glob("*.pt"))) - {states}):
         _quick_load(f)
+    for name, entry in manifest.items():  # last, reading every byte: finds a flipped bit that unpickles fine
+        if entry.sha256 and (digest := sha256_file(tag_dir / name)) != entry.sha256:
+            raise DamagedCheckpointError(f"{tag_dir / name}: bytes changed since it was written (sha256 "
+                                         f"{digest[:12]}..., manifest {entry.sha256[:12]}...)")
 
 
 def newest_good_tag(ckpt_dir: Path) -> Optional[Path]:
     """Newest finished tag that passes `verify_tag`, warning about each damaged newer one; None if there is
     no finished tag, an error if none of them is usable (never a silent fresh start)."""
     tags = complete_tags(ckpt_dir)
-    problems = []
+    problems: list[tuple[str, CheckpointError]] = []
     for tag in reversed(tags):
         try:
             if read_manifest(tag) is None:  # written before manifests: trusted here, verified when loaded
                 return tag
             verify_tag(tag)
         except CheckpointError as exc:
-            log.warning("checkpoint %s cannot be used, not resuming from it: %s", tag, exc)
-            problems.append(tag.name)
+            problems.append((tag.name, exc))
             continue
-        if problems:
-            log.warning("resuming from %s, the newest intact checkpoint (skipped %s)", tag, ", ".join(problems))
+        for name, exc in problems:  # one line per damaged tag, naming its bad file and where the run goes on
+            log.warning("checkpoint %s cannot be used (%s); resuming from %s, the newest intact one", name, exc, tag)
         return tag
+    for name, exc in problems:
+        log.warning("checkpoint %s cannot be used: %s", name, exc)
     if tags:
         raise DamagedCheckpointError(f"{ckpt_dir}: none of the finished checkpoints can be used ("
-                                     f"{', '.join(problems)}: see the warnings above)")
+                                     f"{', '.join(n for n, _ in problems)}: see the warnings above)")
     return None
 
 

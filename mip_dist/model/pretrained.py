@@ -10,6 +10,7 @@ import torch
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
+from mip_dist.engine.file_hash import verify_recorded
 from mip_dist.engine.safe_load import CheckpointError, safe_torch_load
 
 from .param_groups import param_category
@@ -57,6 +58,7 @@ def _read_npz(path: str) -> dict[str, Tensor]:
 def _load_torch_file(path: str) -> object:
     """torch.load with weights_only=True (a downloaded file cannot run code); one-line error naming the file."""
     try:
+        verify_recorded(path)  # an exported mip-dist model (fine-tuning) carries a `.sha256` sidecar
         return safe_torch_load(path, map_location="cpu")
     except CheckpointError as exc:
         raise ValueError(f"model.pretrained: {exc}") from exc

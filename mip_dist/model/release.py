@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 from mip_dist.config import Config, ConfigError, ModelConfig, to_dict, validate
+from mip_dist.engine.file_hash import verify_recorded
 from mip_dist.engine.safe_load import CheckpointError, safe_torch_load
 
 from .mip import MIP
@@ -66,6 +67,8 @@ class ReleaseCheckpointError(ValueError):
 def read_release_state_dict(path: str | Path, mmap: bool = False) -> dict[str, Tensor]:
     """Their state dict from a file (weights_only), unwrapped from {"state_dict"}/{"model"}, without `module.`."""
     try:
+        if not mmap:  # the full read (conversion, evaluation): a `.sha256` sidecar beside the file is checked
+            verify_recorded(path)
         obj = safe_torch_load(path, map_location="cpu", mmap=mmap)
     except CheckpointError as exc:
         raise ReleaseCheckpointError(str(exc)) from exc
