@@ -66,13 +66,18 @@ class RawSample:
 
 
 class ErrorCounter:
-    """Counts samples and errors of one worker; logs the first few; raises past the error rate."""
+    """Counts samples, errors and lost samples of one worker; logs the first few; raises past the error rate.
+
+    The rate is (bad samples + samples lost) / (samples seen + samples lost): a shard that cannot be read to
+    its end loses the samples index.json lists for it beyond those read, so one unreadable shard of four is
+    a quarter of the data, not one error."""
 
     def __init__(self, max_rate: float, where: str) -> None:
         self.max_rate = max_rate
         self.where = where
         self.seen = 0
         self.errors = 0
+        self.lost = 0  # samples index.json lists that were never read (unreadable shards, cut-off shard ends)
         self.last: Optional[str] = None  # the latest error, for a message that ends the run
 
     def record(self, kind: str, url: Optional[str], key: Optional[str], exc: Any) -> None:
@@ -83,8 +88,22 @@ class ErrorCounter:
             log.warning("%s: %s error in shard %s at sample %s: %s", self.where, kind, url, key, exc)
         elif self.errors == MAX_LOGGED_ERRORS + 1:
             log.warning("%s: more data errors; counting without logging", self.where)
-        if self.errors > self.max_rate * max(self.seen, MIN_ERROR_DENOMINATOR):
-            raise DataError(f"{self.where}: {self.errors} data errors in {self.seen} samples exceed "
+        self._check()
+
+    def lose(self, url: str, read: int, listed: int) -> None:
+        """A shard yielded `read` of the `listed` samples index.json lists for it: count the rest as lost."""
+        if read >= listed:
+            return
+        self.lost += listed - read
+        self.last = f"shard {url}: {read} of its {listed} samples read ({self.last or 'unreadable'})"
+        self._check()
+
+    def _check(self) -> None:
+        """Raise DataError once the bad and lost samples pass data.max_error_rate of the expected ones."""
+        expected = self.seen + self.lost
+        if self.errors + self.lost > self.max_rate * max(expected, MIN_ERROR_DENOMINATOR):
+            lost = f" and {self.lost} samples lost (unreadable shards or shard ends)" if self.lost else ""
+            raise DataError(f"{self.where}: {self.errors} data errors{lost} in {expected} samples exceed "
                             f"data.max_error_rate={self.max_rate} (last: {self.last})")
 
 
@@ -263,12 +282,13 @@ class SlotSource:
     def __init__(self, urls: list[str], counter: ErrorCounter, *, seed: int, epoch: int, rank: int,
                  world_size: int, worker: int, num_workers: int, resampled: bool,
                  sizes: Optional[dict[str, int]] = None, digests: Optional[dict[str, str]] = None,
-                 label_offset: int = 0, camera_offset: int = 0, cache: Optional[SampleCache] = None) -> None:
+                 counts: Optional[dict[str, int]] = None, label_offset: int = 0, camera_offset: int = 0, cache: Optional[SampleCache] = None) -> None:
         self.urls = urls
         self.counter = counter
         self.cache = cache
         self.sizes = sizes or {}
         self.digests = digests or {}  # url -> sha256 from index.json; shards without one are not verified
+        self.counts = counts or {}  # url -> samples index.json lists: what a shard read short of has lost
         self.label_offset, self.camera_offset = label_offset, camera_offset
         self.kw = dict(seed=seed, epoch=epoch, rank=rank, world_size=world_size, worker=worker,
                        num_workers=num_workers, resampled=resampled)
@@ -299,11 +319,13 @@ class SlotSource:
                 self.counter.seen += 1  # as a read would count them
                 yield sample
             return
-        errors_before, read = self.counter.errors, []
+        errors_before, seen_before, read = self.counter.errors, self.counter.seen, []
         for sample in iter_shard_samples(url, self.counter, self.sizes.get(url), self.digests.get(url)):
             if self.cache is not None:
                 read.append(sample)
             yield sample
+        if url in self.counts:
+            self.counter.lose(url, self.counter.seen - seen_before, self.counts[url])
         if self.cache is not None and self.counter.errors == errors_before:  # a hash mismatch is an error too
             self.cache.keep_shard(url, read)
 

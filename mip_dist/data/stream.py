@@ -64,6 +64,7 @@ class _SourceSpec:
     max_identities: Optional[int]  # its identities, when its index is known
     shard_bytes: tuple[tuple[str, int], ...] = ()  # sizes from index.json, checked when a shard is opened
     shard_sha256: tuple[tuple[str, str], ...] = ()  # hashes from index.json, checked as a shard is read
+    shard_counts: tuple[tuple[str, int], ...] = ()  # samples index.json lists: a shard read short loses the rest
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,8 @@ class _EpochShare(IterableDataset):
         reader = SlotSource(list(src.urls), counter, seed=mix_seed(sp.seed, i) if i else sp.seed, epoch=epoch,
                             rank=sp.rank, world_size=sp.world_size, worker=worker, num_workers=num_workers,
                             resampled=sp.resampled, sizes=dict(src.shard_bytes), digests=dict(src.shard_sha256),
-                            label_offset=src.label_offset, camera_offset=src.camera_offset, cache=self.cache)
+                            counts=dict(src.shard_counts), label_offset=src.label_offset,
+                            camera_offset=src.camera_offset, cache=self.cache)
         buf = PKBuffer(sp.buffer_size, np.random.default_rng(mix_seed(sp.seed, epoch, sp.rank, worker, 1, *extra)))
         return PKSource(reader, buf, lambda: reader.passes, src.max_identities)
 
@@ -296,6 +298,11 @@ def _digests(src: ResolvedSource) -> dict[str, str]:
     return listed_per_url(list(src.urls), src.index, lambda s: s.get("sha256"), str)
 
 
+def _counts(src: ResolvedSource) -> dict[str, int]:
+    """The samples index.json lists in each of the source's shards (those it lists)."""
+    return listed_per_url(list(src.urls), src.index, lambda s: s.get("count"), int)
+
+
 def _steps_per_epoch(data_cfg: DataConfig, sources: list[ResolvedSource], world_size: int) -> int:
     """data.steps_per_epoch, else the training images of every dataset once over batch size x ranks."""
     if data_cfg.steps_per_epoch > 0:
@@ -327,7 +334,8 @@ def build_train_stream(data_cfg: DataConfig, *, seed: int, rank: int, world_size
         log.warning("data.buffer_size=%d is below two batches; using %d", data_cfg.buffer_size, buffer)
     specs = tuple(_SourceSpec(urls=s.urls, weight=s.weight, label_offset=s.label_offset, camera_offset=s.camera_offset,
                               max_identities=s.num_classes, shard_bytes=tuple(s.shard_bytes.items()),
-                              shard_sha256=tuple(_digests(s).items()) if verify else ()) for s in sources)
+                              shard_sha256=tuple(_digests(s).items()) if verify else (),
+                              shard_counts=tuple(_counts(s).items())) for s in sources)
     spec = _StreamSpec(sources=specs, seed=seed, rank=rank, world_size=world_size, steps_per_epoch=steps,
                        num_ids=num_ids, num_instances=data_cfg.num_instances, buffer_size=buffer,
                        img_size=tuple(data_cfg.img_size), resampled=data_cfg.resampled,
