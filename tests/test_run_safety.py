@@ -14,10 +14,12 @@ import subprocess
 import sys
 import textwrap
 from collections import namedtuple
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
 
+from mip_dist.cli import report_error
 from mip_dist.config import ConfigError, DataConfig, ShardSource, load_config
 from mip_dist.data.shard_reader import DataError
 from mip_dist.data.sources import resolve_sources
@@ -25,6 +27,7 @@ from mip_dist.engine import checkpoint as ckpt, run_dir as rd
 from mip_dist.engine.optim import lr_multiplier
 
 import test_checkpoint_safety as safety
+from conftest import load_launch_script
 from test_checkpoint_safety import StubEngine, make_engine
 from test_release import _load_launch, _save, release_model, to_their_naming
 from test_train_distributed import losses, make_tiny_shards
@@ -309,3 +312,51 @@ def test_a_peer_that_does_not_answer_during_a_save_is_not_called_a_full_disk(tmp
     msg = str(info.value)
     assert type(info.value).__name__ == "CollectiveTimeoutError", msg
     assert names in msg and "a peer rank did not answer" in msg and "space" not in msg and "\n" not in msg
+
+
+class _Batches:
+    """A train stream stub: `n` empty batches per epoch."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        return iter([{}] * self.n)
+
+
+def _epoch_failing_with(exc: Exception) -> Exception:
+    """What Trainer._train_epoch raises when its first step raises `exc` (the trainer's other parts stubbed)."""
+    from mip_dist.engine.trainer import Trainer
+
+    def train_step(batch, data_wait):
+        raise exc
+
+    stub = SimpleNamespace(stream=_Batches(3), _stream_state=None, micro_in_epoch=0, micro_per_epoch=3, epoch=1,
+                           step=6, _stop=False, _train_step=train_step)
+    with pytest.raises(Exception) as info:
+        Trainer._train_epoch(stub)
+    return info.value
+
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out waiting 300000ms for recv operation"
+                 " to complete"),
+    RuntimeError("[/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:27289: Connection reset by peer"),
+])
+def test_a_peer_that_does_not_answer_during_a_training_step_is_one_named_line(exc, capsys):
+    """The step's all-reduce waiting on a stopped rank: old code let gloo's raw text through, naming nothing."""
+    err = _epoch_failing_with(exc)
+    msg = str(err)
+    assert type(err).__name__ == "CollectiveTimeoutError", msg
+    assert "training step 7 (epoch 1): " in msg and "a peer rank did not answer" in msg and "\n" not in msg
+    train_cli = load_launch_script("train", "run_safety_train")
+    assert report_error(err, debug=False, known=train_cli.KNOWN_IN_RUN) == 2
+    assert capsys.readouterr().err == f"error: {msg}\n"  # as it is: no type name, no --debug hint
+
+
+def test_an_error_of_this_ranks_own_step_is_not_blamed_on_a_peer():
+    err = _epoch_failing_with(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)"))
+    assert type(err) is RuntimeError and "shapes cannot be multiplied" in str(err)

@@ -8,18 +8,17 @@ loader); the names of theirs that the trainer and the entry points use are re-ex
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from .distributed import CollectiveTimeoutError, barrier, collective_failure, peer_failure
+from .distributed import CollectiveTimeoutError, barrier, peers_named
 from .export import consolidated_state_dict, export_model, load_exported
 from .safe_load import CheckpointError, error_gist, safe_torch_load, weights_only_loading
 from .tags import COMPLETE, complete_tags, resolve_resume, tag_for, verify_tag, write_manifest
@@ -76,14 +75,14 @@ class Checkpointer:
         if self.is_main:  # a re-save of this step must not look finished while half-overwritten; DeepSpeed's
             (tag_dir / COMPLETE).unlink(missing_ok=True)  # opening barrier holds the other ranks until here
         try:  # DeepSpeed's own `latest` would name the tag before the other ranks and the marker are done
-            with _peers_named(f"checkpoint {tag_dir}: DeepSpeed's save_checkpoint (its barriers and gathers "
+            with peers_named(f"checkpoint {tag_dir}: DeepSpeed's save_checkpoint (its barriers and gathers "
                               "between ranks)"):
                 engine.save_checkpoint(str(self.dir), tag=tag_dir.name, client_state=client_state, save_latest=False)
         except (OSError, RuntimeError) as exc:
             if isinstance(exc, CollectiveTimeoutError):
                 raise
             raise self._write_failure(tag_dir, exc) from exc
-        with _peers_named(f"checkpoint {tag_dir}: the barrier after every rank wrote its files"):
+        with peers_named(f"checkpoint {tag_dir}: the barrier after every rank wrote its files"):
             barrier()
         if self.is_main:
             try:
@@ -92,7 +91,7 @@ class Checkpointer:
             except OSError as exc:
                 raise self._write_failure(tag_dir, exc) from exc
             self._prune()
-        with _peers_named(f"checkpoint {tag_dir}: the barrier after rank 0 marked it complete"):
+        with peers_named(f"checkpoint {tag_dir}: the barrier after rank 0 marked it complete"):
             barrier()
         self.last_saved_step = step
         log.info("saved checkpoint %s", tag_dir)
@@ -143,18 +142,6 @@ class Checkpointer:
         if load_path is None:
             raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it (no model states file for this rank)")
         return client_state
-
-
-@contextlib.contextmanager
-def _peers_named(what: str) -> Iterator[None]:
-    """Collectives inside whose timeout or lost peer is raised as a CollectiveTimeoutError naming `what`
-    (a peer rank that did not answer), never as a disk error."""
-    try:
-        yield
-    except (OSError, RuntimeError) as exc:
-        if not isinstance(exc, CollectiveTimeoutError) and peer_failure(exc):
-            raise collective_failure(what, exc) from exc
-        raise
 
 
 def _write_latest(ckpt_dir: Path, tag: str, missing_ok: bool = False) -> None:

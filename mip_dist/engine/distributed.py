@@ -2,6 +2,7 @@
 collectives."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -10,7 +11,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -179,9 +180,23 @@ def collective_failure(what: str, exc: BaseException) -> CollectiveTimeoutError:
     """The one-line error for a collective that a peer rank did not answer: which one, the timeout, what to read."""
     limit = f" within {_timeout_s:g} s (train.collective_timeout_s)" if _timeout_s else ""
     gist = " ".join(str(exc).split())[:160]
-    return CollectiveTimeoutError(f"{what}: a peer rank did not answer{limit}, so the collective timed out or lost "
-                                  f"its connection ({type(exc).__name__}: {gist}); another rank crashed, hung or is "
-                                  "still busy: read the other ranks' logs; the disk is not the cause")
+    grouped = dist.is_available() and dist.is_initialized()
+    here = f"rank {dist.get_rank()} of {dist.get_world_size()}: " if grouped else ""
+    return CollectiveTimeoutError(f"{here}{what}: a peer rank did not answer{limit}, so the collective timed out or "
+                                  f"lost its connection ({type(exc).__name__}: {gist}); another rank crashed, hung or "
+                                  "is still busy: read the other ranks' logs; the disk is not the cause")
+
+
+@contextlib.contextmanager
+def peers_named(what: str) -> Iterator[None]:
+    """Collectives inside whose timeout or lost peer is raised as a one-line CollectiveTimeoutError naming
+    `what` and this rank (a peer rank that did not answer), never as gloo's or NCCL's raw text or a disk error."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if not isinstance(exc, CollectiveTimeoutError) and peer_failure(exc):
+            raise collective_failure(what, exc) from exc
+        raise
 
 
 def collective_timeout(seconds: float, device: torch.device) -> timedelta:

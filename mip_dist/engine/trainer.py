@@ -26,7 +26,8 @@ from mip_dist.losses import MIPLoss
 from mip_dist.model import build_model, param_category
 
 from . import checkpoint as ckpt
-from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier, broadcast_object, to_host
+from .distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, broadcast_object, peers_named,
+                          to_host)
 from .ds_config import load_ds_config
 from .metrics_log import MetricsLogger, StepTimer, format_train_record
 from .optim import build_optimizer, build_param_groups, freeze_backbone, set_lr
@@ -220,7 +221,8 @@ class Trainer:
                     if not self._train_epoch():
                         status = "interrupted"
                         break
-                    self._end_epoch()
+                    with peers_named(f"the end of epoch {self.epoch} (checkpoint, evaluation)"):
+                        self._end_epoch()
         finally:
             self.bar.close()
             for sig, handler in previous.items():
@@ -253,7 +255,9 @@ class Trainer:
                 if self._stop:  # data workers died of the same SIGTERM
                     return self._stop_now()
                 raise
-            stepped, stop = self._train_step(batch, data_wait=time.perf_counter() - t0)
+            with peers_named(f"training step {self.step + 1} (epoch {self.epoch}): the loss and gradient "
+                             "all-reduces between ranks"):
+                stepped, stop = self._train_step(batch, data_wait=time.perf_counter() - t0)
             self.micro_in_epoch += 1
             if stepped:
                 self._after_step()

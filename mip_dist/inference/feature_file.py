@@ -22,7 +22,7 @@ import torch
 
 FORMAT = "mip-dist-features/1"
 FEATURES_KEY = "features"
-MODALITIES = ("visible", "infrared")  # modality label 0 / 1, as the model's prompts and the shards use them
+MODALITIES = ("visible", "infrared")  # the names feature files use (the model and shards label them 1 and 0)
 
 
 class FeatureFileError(ValueError):
