@@ -179,6 +179,16 @@ def _verify_files(tag_dir: Path) -> None:
                                          f"{digest[:12]}..., manifest {entry.sha256[:12]}...)")
 
 
+_WARNED: set[str] = set()  # a resume looks for its tag more than once (preflight, run folder, load): warn once
+
+
+def _warn_once(message: str) -> None:
+    """Log a warning the first time this process sees it."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
+
+
 def newest_good_tag(ckpt_dir: Path) -> Optional[Path]:
     """Newest finished tag that passes `verify_tag`, warning about each damaged newer one; None if there is
     no finished tag, an error if none of them is usable (never a silent fresh start)."""
@@ -193,10 +203,10 @@ def newest_good_tag(ckpt_dir: Path) -> Optional[Path]:
             problems.append((tag.name, exc))
             continue
         for name, exc in problems:  # one line per damaged tag, naming its bad file and where the run goes on
-            log.warning("checkpoint %s cannot be used (%s); resuming from %s, the newest intact one", name, exc, tag)
+            _warn_once(f"checkpoint {name} cannot be used ({exc}); resuming from {tag}, the newest intact one")
         return tag
     for name, exc in problems:
-        log.warning("checkpoint %s cannot be used: %s", name, exc)
+        _warn_once(f"checkpoint {name} cannot be used: {exc}")
     if tags:
         raise DamagedCheckpointError(f"{ckpt_dir}: none of the finished checkpoints can be used ("
                                      f"{', '.join(n for n, _ in problems)}: see the warnings above)")
