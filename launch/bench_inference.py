@@ -1,7 +1,14 @@
-"""Benchmark inference: gallery search, FAISS `IndexFlatIP` vs the torch matrix-product fallback, side by side.
+"""Benchmark inference: model img/s (PyTorch eager vs onnxruntime) and gallery search (FAISS vs torch), side by side.
 
-    python launch/bench_inference.py                                   # 10k / 100k / 1M galleries, D=768
-    python launch/bench_inference.py --sizes 10000 100000 --dim 3840 --json bench_inference.json
+    python launch/bench_inference.py                                   # both sections, ViT-B, 10k/100k/1M
+    python launch/bench_inference.py --sections model --model runs/x/model_best.pt --model-batch 32
+    python launch/bench_inference.py --sections search --sizes 10000 100000 --dim 3840 --json bench.json
+
+Model section: `mip_dist.inference.onnx_export.bench_onnx`: the evaluation forward (fp32, CPU) in eager
+PyTorch and in onnxruntime on the same random batches, images per second of each and their ratio. --model
+is an exported model file; without it the default config's model (ViT-B/16, the paper layout) with random
+weights (speed does not depend on the weights), or a smaller one with --model-overrides (e.g.
+model.depth=3). The graph is exported to a temporary folder first (about 35 s for ViT-B) and removed.
 
 Search section: random L2-normalised float32 galleries (seeded, generated in chunks), one batch of --batch
 queries, top-k. For each size and backend (`mip_dist.inference.search.build_index`, both exact):
@@ -36,6 +43,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from mip_dist.cli import debug_requested, report_error
+from mip_dist.config import ConfigError, load_config
+from mip_dist.engine.safe_load import CheckpointError
+from mip_dist.inference.onnx_export import bench_onnx
 from mip_dist.inference.search import build_index, faiss_available
 
 _GEN_CHUNK = 1 << 16  # rows generated per step: the generator's temporaries stay small
@@ -150,9 +161,37 @@ def section_search(args: argparse.Namespace) -> dict:
     return {"dim": args.dim, "topk": args.topk, "batch": args.batch, "results": rows, "torch_over_faiss": ratios}
 
 
+BENCH_CLASSES, BENCH_CAMERAS = 395, 6  # SYSU-MM01's training identities and cameras (the classifier is not run)
+
+
+def section_model(args: argparse.Namespace) -> dict:
+    """Eager PyTorch vs onnxruntime images/s of the evaluation forward: one line each, then the ratio."""
+    flip = None  # a model file: its config's eval.flip
+    if args.model:
+        model: Any = args.model
+        what = args.model
+    else:
+        from mip_dist.model.mip import build_model
+
+        cfg = load_config(None, args.model_overrides)
+        torch.manual_seed(args.seed)
+        model = build_model(cfg.model, cfg.attention, BENCH_CLASSES, BENCH_CAMERAS)
+        flip = cfg.eval.flip
+        what = f"default config{' + ' + ' '.join(args.model_overrides) if args.model_overrides else ''}, random weights"
+    print(f"\nmodel: {what}; batch {args.model_batch}, {args.model_seconds:g} s per side")
+    r = bench_onnx(model, batch_size=args.model_batch, seconds=args.model_seconds, threads=args.threads, flip=flip)
+    print(f"{'runtime':>12} {'img/s':>9}   ({r['layout']} layout, {r['img_size']}, feature {r['feature_dim']}, "
+          f"flip {r['flip']}, {r['threads']} threads, {r['exporter']} export in {r['export_s']:.1f} s)")
+    print(f"{'eager':>12} {r['eager_img_s']:>9.2f}")
+    print(f"{'onnxruntime':>12} {r['onnx_img_s']:>9.2f}")
+    print(f"onnxruntime / eager: {r['onnx_over_eager']:.2f}x (above 1: onnxruntime faster)")
+    return r
+
+
 # The benchmark sections, run in this order. Add one by writing `section_<name>(args) -> dict` (its options in
-# parse_args) and listing it here; e.g. the planned "model" section: eager PyTorch vs onnxruntime images/s.
+# parse_args) and listing it here.
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "model": section_model,
     "search": section_search,
 }
 
@@ -164,6 +203,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="benchmarks to run (default: all)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number as JSON")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error (also MIP_DEBUG=1)")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default=None, metavar="PATH",
+                       help="exported model file (default: the default config's model, random weights)")
+    model.add_argument("--model-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="config overrides for the default model, e.g. model.depth=3")
+    model.add_argument("--model-batch", type=int, default=16, help="images per batch")
+    model.add_argument("--model-seconds", type=float, default=10.0, help="timed seconds per runtime")
+    model.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     search = p.add_argument_group("search")
     search.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
                         help="gallery sizes (rows)")
@@ -190,8 +238,11 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{header['cpus']} CPUs ({header['machine']}), load average {header['load_average']:.2f}, "
           f"OMP_WAIT_POLICY={header['omp_wait_policy'] or 'unset'}")
     out: dict[str, Any] = {"environment": header}
-    for name in args.sections:
-        out[name] = SECTIONS[name](args)
+    try:
+        for name in args.sections:
+            out[name] = SECTIONS[name](args)
+    except Exception as exc:  # noqa: BLE001 - one line; --debug shows the traceback
+        return report_error(exc, debug_requested(args.debug), known=(ConfigError, CheckpointError))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         print(f"\nwrote {args.json}")

@@ -23,18 +23,16 @@ figures named with <name>, so evaluating another dataset into the same folder ke
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
-import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from mip_dist.cli import debug_requested, report_error
+from mip_dist.cli import debug_requested, library_lines, report_error
 from mip_dist.config import Config, ConfigError, from_dict, load_config, to_dict
 from mip_dist.data.shards import ShardError
 from mip_dist.engine.export import load_exported
@@ -417,31 +415,11 @@ def run(args: argparse.Namespace) -> dict:
     return aggregate
 
 
-@contextlib.contextmanager
-def progress_lines(enabled: bool) -> Iterator[None]:
-    """The library's INFO lines (extraction progress, each protocol setting) on stderr while the command
-    runs, rank 0 only; removed afterwards so a calling program's logging is left as it was."""
-    logger = logging.getLogger("mip_dist")
-    if not enabled:
-        yield
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: 0 on success, 2 with a one-line message for any error (traceback with --debug)."""
     args = parse_args(argv)
     try:
-        with progress_lines(int(os.environ.get("RANK", "0")) == 0):
+        with library_lines(int(os.environ.get("RANK", "0")) == 0):
             run(args)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
         known = (EvalError, CheckpointError, ConfigError, ProtocolError, ShardError)

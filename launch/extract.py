@@ -26,7 +26,6 @@ says "up to date"; --force recomputes. Errors: one `error:` line, exit 2 (traceb
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -37,7 +36,7 @@ from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 
-from mip_dist.cli import debug_requested, report_error
+from mip_dist.cli import debug_requested, library_lines, report_error
 from mip_dist.config import ConfigError
 from mip_dist.data.shard_index import ShardError
 from mip_dist.data.transforms import IMAGE_EXTS
@@ -432,37 +431,11 @@ def _all_samples(inputs: Inputs) -> Iterator[tuple[dict, Optional[torch.Tensor],
         yield from shard_samples(folder)
 
 
-class _LevelFormatter(logging.Formatter):
-    """Warnings as `warning: ...`, progress as `HH:MM:SS ...`."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            return f"warning: {text}"
-        return f"{self.formatTime(record, '%H:%M:%S')} {text}"
-
-
-@contextlib.contextmanager
-def log_lines() -> Iterator[None]:
-    """The library's warnings and progress lines on stderr while the command runs; removed afterwards."""
-    logger = logging.getLogger("mip_dist")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LevelFormatter())
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: 0 on success, 2 with a one-line message for any error (traceback with --debug)."""
     args = parse_args(argv)
     try:
-        with log_lines():
+        with library_lines():
             run(args)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
         known = (ExtractError, CheckpointError, ConfigError, ShardError, FeatureFileError, ValueError)

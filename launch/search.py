@@ -20,17 +20,15 @@ MIP_DEBUG=1 for the traceback).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
-import logging
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from mip_dist.cli import debug_requested, report_error
+from mip_dist.cli import debug_requested, library_lines, report_error
 from mip_dist.engine.safe_load import CheckpointError
 from mip_dist.inference.feature_file import MODALITIES, FeatureFile, FeatureFileError, load_features
 from mip_dist.inference.search import (BACKENDS, SearchError, SearchResult, describe, search_features)
@@ -231,22 +229,6 @@ def plot_rank_list(rec: dict, path: Path, query_base: Optional[Path], gallery_ba
     return path
 
 
-@contextlib.contextmanager
-def progress_lines() -> Iterator[None]:
-    """The library's INFO lines (backend, index size, re-ranking) on stderr while the command runs."""
-    logger = logging.getLogger("mip_dist")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 def modality_counts(items: Sequence[dict]) -> str:
     """'3 visible, 5 infrared' (other labels counted as they are)."""
     counts: dict[str, int] = {}
@@ -300,7 +282,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: 0 on success, 2 with a one-line message for any error (traceback with --debug)."""
     args = parse_args(argv)
     try:
-        with progress_lines():
+        with library_lines():
             run(args)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
         return report_error(exc, debug_requested(args.debug), known=(SearchError, FeatureFileError, CheckpointError))

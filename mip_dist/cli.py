@@ -1,11 +1,13 @@
-"""The one way every entry point reports an error: one `error:` line and exit 2, the traceback on request."""
+"""How entry points talk: one `error:` line and exit 2 (the traceback on request), the library's log lines on stderr."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import sys
 import traceback
-from typing import Optional
+from typing import Iterator, Optional
 
 EXIT_USAGE = 2
 
@@ -61,3 +63,33 @@ def report_error(exc: BaseException, debug: bool, known: tuple[type, ...] = (), 
         text = f"{type(shown).__name__}: {text}{hint}"
     print(f"error: {prefix}{text}", file=sys.stderr)
     return EXIT_USAGE
+
+
+class LineFormatter(logging.Formatter):
+    """Warnings as `warning: ...`, progress as `HH:MM:SS ...`: one line each, no logger names."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"warning: {text}"
+        return f"{self.formatTime(record, '%H:%M:%S')} {text}"
+
+
+@contextlib.contextmanager
+def library_lines(enabled: bool = True) -> Iterator[None]:
+    """The library's progress lines and warnings on stderr while a command runs (`enabled`: e.g. rank 0 only);
+    removed afterwards, so a calling program's logging is left as it was."""
+    logger = logging.getLogger("mip_dist")
+    if not enabled:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LineFormatter())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

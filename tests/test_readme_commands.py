@@ -546,6 +546,98 @@ def rule_bench_demo(world: World, cmd: Command) -> None:
         assert re.search(rf"^\s*{re.escape(name)}\b", r.stdout, re.M), f"--variant {name!r} not in\n{r.stdout}"
 
 
+def _positional(args: list[str], flags_with_values: set[str]) -> list[str]:
+    """Arguments that are neither options nor an option's value."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a.startswith("--"):
+            skip = a in flags_with_values
+        else:
+            out.append(a)
+    return out
+
+
+def rule_extract(world: World, cmd: Command) -> None:
+    """real (the tiny exported model, the README's tree and shards; --device cpu). Checked in the written
+    feature file and sidecar: one row per input image, --modality / --camera on every row of a folder, the
+    model's sha256, and every row's modality, camera and identity from the shards for a test-shard input."""
+    from mip_dist.engine.file_hash import sha256_file
+    from mip_dist.inference.feature_file import load_features
+
+    valued = {"--model", "--out", "--modality", "--camera", "--batch-size", "--device", "--precision"}
+    _check_ran(world.run(["python", cmd.script, *cmd.args, "--device", "cpu"]), cmd)
+    flags = _flags(cmd.args)
+    _unchecked(cmd, flags, {"--model", "--out", "--modality", "--camera"})
+    feats = load_features(world.root / _last(flags, "--out"))
+    _eq(feats.model_sha256, sha256_file(world.root / _last(flags, "--model")), "--model (the recorded sha256)")
+    expected = 0
+    for source in map(world.root.joinpath, _positional(cmd.args, valued)):
+        if (source / "index.json").is_file():
+            index = json.loads((source / "index.json").read_text())
+            expected += sum(s["count"] for s in index["shards"] if s["split"] != "train")
+        else:
+            expected += sum(1 for f in source.rglob("*") if f.suffix.lower() in (".jpg", ".png", ".bmp"))
+    _eq(len(feats.items), expected, "the inputs (one feature per image)")
+    assert all(i["modality"] in ("visible", "infrared") for i in feats.items), f"{cmd.text}: a row has no modality"
+    if "--modality" in flags:
+        _eq({i["modality"] for i in feats.items}, {_last(flags, "--modality")}, "--modality")
+    if "--camera" in flags:
+        _eq({i["camera"] for i in feats.items}, {int(_last(flags, "--camera"))}, "--camera")
+    assert feats.features.shape == (expected, feats.dim) and torch.allclose(
+        feats.features.norm(dim=1), torch.ones(expected), atol=1e-4), f"{cmd.text}: features not L2-normalised"
+
+
+def rule_search(world: World, cmd: Command) -> None:
+    """real (feature files the README's extract commands wrote). Checked in --out's results.json: every query,
+    at most --topk matches each, ranked by score, cross-modality unless --all-modalities; the PNGs and CSV."""
+    from mip_dist.inference.feature_file import load_features
+
+    _check_ran(world.run(["python", cmd.script, *cmd.args]), cmd)
+    flags = _flags(cmd.args)
+    _unchecked(cmd, flags, {"--query", "--gallery", "--topk", "--out", "--all-modalities"})
+    out = world.root / (_last(flags, "--out") or "search_results")
+    doc = json.loads((out / "results.json").read_text())
+    queries = load_features(world.root / _last(flags, "--query"))
+    _eq(len(doc["queries"]), len(queries.items), "--query (one result per query)")
+    topk = int(_last(flags, "--topk") or 10)
+    _eq(doc["topk"], topk, "--topk")
+    for rec in doc["queries"]:
+        scores = [m["score"] for m in rec["matches"]]
+        assert 0 < len(scores) <= topk and scores == sorted(scores, reverse=True), f"{cmd.text}: {rec}"
+        if "--all-modalities" not in flags:
+            assert all(m["modality"] != rec["query"]["modality"] for m in rec["matches"]), f"{cmd.text}: {rec}"
+    assert (out / "results.csv").is_file() and list(out.glob("ranklist_*.png")), f"{cmd.text}: no CSV or figures"
+
+
+def rule_export_onnx(world: World, cmd: Command) -> None:
+    """real (the tiny exported model): the command's own onnxruntime check passes, the graph and its sha256
+    sidecar are written, and onnxruntime gives one L2-normalised feature per image of a batch of 2."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from mip_dist.engine.file_hash import check_sidecar, read_sidecar
+
+    r = world.run(["python", cmd.script, *cmd.args])
+    _check_ran(r, cmd)
+    flags = _flags(cmd.args)
+    _unchecked(cmd, flags, set())
+    model, out = _positional(cmd.args, set())
+    assert "check: onnxruntime vs PyTorch" in r.stdout and "graph inputs:" in r.stdout, r.stdout
+    assert read_sidecar(world.root / out) is not None, f"{cmd.text}: no {out}.sha256"
+    check_sidecar(world.root / out)
+    session = ort.InferenceSession(str(world.root / out), providers=["CPUExecutionProvider"])
+    feeds = {}
+    for i in session.get_inputs():
+        if i.name == "image":
+            feeds[i.name] = np.random.default_rng(0).standard_normal((2, *i.shape[1:]), dtype=np.float32)
+        else:
+            feeds[i.name] = np.zeros(2, dtype=np.int64)
+    (features,) = session.run(None, feeds)
+    assert features.shape[0] == 2 and np.allclose(np.linalg.norm(features, axis=1), 1, atol=1e-4), features.shape
+
+
 # (launcher, script) -> rule; "python" covers python3. Scripts absent here (bench_attention, bench_data, ...)
 # have no README ```bash command today: a new one needs a rule.
 RULES: dict[tuple[str, str], Rule] = {
@@ -559,6 +651,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("python", "launch/convert_release.py"): Rule("real", rule_convert_release),
     ("python", "launch/gpu_check.py"): Rule("real", rule_gpu_check),
     ("python", "launch/bench_demo.py"): Rule("bounded", rule_bench_demo),
+    ("python", "launch/extract.py"): Rule("real", rule_extract),
+    ("python", "launch/search.py"): Rule("real", rule_search),
+    ("python", "launch/export_onnx.py"): Rule("real", rule_export_onnx),
 }
 
 
