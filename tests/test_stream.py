@@ -300,6 +300,34 @@ def test_one_unreadable_shard_of_several_exceeds_the_default_rate(shards, tmp_pa
         take_batches(build_train_stream(c, seed=0, rank=0, world_size=1))
 
 
+
+def test_a_late_burst_of_errors_stops_the_run_over_the_sliding_window():
+    """20,000 clean samples, then 150 bad ones among the next 1,000: 0.7% of the epoch (under the default 1%),
+    but 1.5% of the last 10,000 expected samples. Before the window, the clean start hid the burst."""
+    counter = ErrorCounter(0.01, "rank 0 worker 0")
+    counter.saw(20_000)
+    with pytest.raises(DataError) as err:
+        for i in range(1000):
+            counter.saw()
+            if i % 6 == 0:
+                counter.record("decode", "/data/shards/train-000007.tar", f"k{i}", "bad JPEG")
+    assert 80 < counter.errors <= 150 and counter.errors / (counter.seen + counter.lost) < 0.01
+    line = str(err.value)
+    assert "of the last 10" in line and "expected samples not delivered" in line, line
+    assert "train-000007.tar (" in line, line
+
+
+def test_the_stop_line_names_the_fraction_and_the_shards():
+    """The line that ends a run says which fraction was not delivered and which shards lost the samples."""
+    counter = ErrorCounter(0.01, "rank 0 worker 1")
+    counter.saw(3000)
+    counter.record("decode", "/data/shards/train-000003.tar", "k1", "bad JPEG")
+    with pytest.raises(DataError) as err:
+        counter.lose("/data/shards/train-000001.tar", 0, 1500)
+    line = str(err.value)
+    assert "33.4% of this epoch's expected samples not delivered" in line, line  # (1 + 1500) / (3000 + 1500)
+    assert "train-000001.tar (1500), train-000003.tar (1)" in line, line
+
 def test_pipe_urls_refused_unless_allowed(shards):
     first = shard_urls(str(shards), "train")[0]
     c = cfg("", train_urls=f"pipe:cat {first}", steps_per_epoch=1, buffer_size=24)

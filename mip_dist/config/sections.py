@@ -150,7 +150,7 @@ class DataConfig:
     steps_per_epoch: int = 0  # 0 = derived from the train sample count and world size
     channel_aug: bool = False
     augment: Literal["paper", "light"] = "paper"  # light: no jitter/blur/erasing/grayscale (small from-scratch models)
-    max_error_rate: float = 0.01
+    max_error_rate: float = 0.01  # fraction of expected samples (index.json counts) a worker may fail to deliver
     regdb_split: int = 1
     # synthetic generator (embedded default)
     synthetic_ids: int = 120

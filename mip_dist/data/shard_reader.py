@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import re
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Optional
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_ERROR_DENOMINATOR = 1000  # error rate = errors / max(samples seen, this): a few early errors are not 100%
+WINDOW_SAMPLES = 10_000  # the error rate is also checked over the last this many expected samples (sliding)
+WINDOW_BUCKET = 1_000  # the window slides in steps of this many expected samples
 MAX_LOGGED_ERRORS = 20  # per worker; later errors are only counted
 HASH_BLOCK = 1 << 20  # bytes per read when hashing what the tar reader left unread (the end-of-archive padding)
 
@@ -66,11 +69,15 @@ class RawSample:
 
 
 class ErrorCounter:
-    """Counts samples, errors and lost samples of one worker; logs the first few; raises past the error rate.
+    """Counts samples, errors and lost samples of one worker's epoch; logs the first few; raises past the rate.
 
-    The rate is (bad samples + samples lost) / (samples seen + samples lost): a shard that cannot be read to
-    its end loses the samples index.json lists for it beyond those read, so one unreadable shard of four is
-    a quarter of the data, not one error."""
+    The rate is the fraction of expected samples not delivered: (bad samples + samples lost) / (samples seen +
+    samples lost). A shard that cannot be read to its end loses the samples index.json lists for it beyond
+    those read, so one unreadable shard of four is a quarter of the data, not one error. It is checked at every
+    bad or lost sample, over two spans: the worker's epoch so far (one counter per worker and epoch, so the
+    check at the last bad sample is the epoch's end-of-epoch rate) and the last `WINDOW_SAMPLES` expected
+    samples (a burst late in a long epoch is not diluted by the clean start). Either denominator is at least
+    `MIN_ERROR_DENOMINATOR`: a few early errors are not 100%."""
 
     def __init__(self, max_rate: float, where: str) -> None:
         self.max_rate = max_rate
@@ -79,10 +86,31 @@ class ErrorCounter:
         self.errors = 0
         self.lost = 0  # samples index.json lists that were never read (unreadable shards, cut-off shard ends)
         self.last: Optional[str] = None  # the latest error, for a message that ends the run
+        self.bad_by_shard: dict[str, int] = {}  # url -> bad + lost samples, for the line that ends the run
+        self._window: deque[list[int]] = deque([[0, 0]], maxlen=WINDOW_SAMPLES // WINDOW_BUCKET + 1)  # [bad, expected]
+
+    def saw(self, n: int = 1) -> None:
+        """`n` samples were read from a shard (good or bad)."""
+        self.seen += n
+        self._tick(0, n)
+
+    def _tick(self, bad: int, expected: int) -> None:
+        """Add to the window's newest bucket; start a new one every WINDOW_BUCKET expected samples."""
+        self._window[-1][0] += bad
+        while expected > 0:
+            bucket = self._window[-1]
+            step = min(expected, WINDOW_BUCKET - bucket[1])
+            bucket[1] += step
+            expected -= step
+            if bucket[1] >= WINDOW_BUCKET:
+                self._window.append([0, 0])
 
     def record(self, kind: str, url: Optional[str], key: Optional[str], exc: Any) -> None:
         """One bad sample or shard: log (shard, key), count, stop the run past the allowed rate."""
         self.errors += 1
+        self._tick(1, 0)
+        if url is not None:
+            self.bad_by_shard[url] = self.bad_by_shard.get(url, 0) + 1
         self.last = f"{kind} error in shard {url} at sample {key}: {exc}"
         if self.errors <= MAX_LOGGED_ERRORS:
             log.warning("%s: %s error in shard %s at sample %s: %s", self.where, kind, url, key, exc)
@@ -95,16 +123,29 @@ class ErrorCounter:
         if read >= listed:
             return
         self.lost += listed - read
+        self._tick(listed - read, listed - read)
+        self.bad_by_shard[url] = self.bad_by_shard.get(url, 0) + listed - read
         self.last = f"shard {url}: {read} of its {listed} samples read ({self.last or 'unreadable'})"
         self._check()
 
     def _check(self) -> None:
-        """Raise DataError once the bad and lost samples pass data.max_error_rate of the expected ones."""
+        """Raise DataError once the bad and lost samples pass data.max_error_rate of the expected ones, over the
+        epoch so far or over the window."""
         expected = self.seen + self.lost
+        window_bad = sum(b for b, _ in self._window)
+        window_expected = sum(e for _, e in self._window)
         if self.errors + self.lost > self.max_rate * max(expected, MIN_ERROR_DENOMINATOR):
-            lost = f" and {self.lost} samples lost (unreadable shards or shard ends)" if self.lost else ""
-            raise DataError(f"{self.where}: {self.errors} data errors{lost} in {expected} samples exceed "
-                            f"data.max_error_rate={self.max_rate} (last: {self.last})")
+            span, bad, total = "of this epoch's", self.errors + self.lost, expected
+        elif window_bad > self.max_rate * max(window_expected, MIN_ERROR_DENOMINATOR):
+            span, bad, total = f"of the last {window_expected}", window_bad, window_expected
+        else:
+            return
+        lost = f" and {self.lost} samples lost (unreadable shards or shard ends)" if self.lost else ""
+        worst = sorted(self.bad_by_shard.items(), key=lambda kv: -kv[1])
+        shards = ", ".join(f"{Path(url).name} ({n})" for url, n in worst[:4]) + (" ..." if len(worst) > 4 else "")
+        raise DataError(f"{self.where}: {self.errors} data errors{lost} in {expected} samples exceed "
+                        f"data.max_error_rate={self.max_rate}: {bad / max(total, 1):.1%} {span} expected samples "
+                        f"not delivered; bad or lost per shard: {shards or 'none named'} (last: {self.last})")
 
 
 def shard_size_error(url: str, expected_bytes: Optional[int]) -> Optional[str]:
@@ -231,7 +272,7 @@ def _samples(url: str, reader: HashingReader, counter: ErrorCounter, state: dict
             raise state["over_budget"]
         key = s.get("__key__")
         state["key"] = key
-        counter.seen += 1
+        counter.saw()
         ext = next((e for e in IMAGE_EXTS if e in s), None)
         if ext is None or "json" not in s:
             counter.record("incomplete sample", url, key, f"has {sorted(k for k in s if not k.startswith('__'))}")
@@ -316,7 +357,7 @@ class SlotSource:
         cached = self.cache.shard(url) if self.cache is not None else None
         if cached is not None:
             for sample in cached:
-                self.counter.seen += 1  # as a read would count them
+                self.counter.saw()  # as a read would count them
                 yield sample
             return
         errors_before, seen_before, read = self.counter.errors, self.counter.seen, []
