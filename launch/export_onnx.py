@@ -27,6 +27,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="exported model file (model_best.pt / model_final.pt) or the authors' checkpoint")
     p.add_argument("out", help="ONNX file to write (must not exist); OUT.sha256 is written beside it")
+    p.add_argument("--config", default=None, help="with the authors' checkpoint: a config file giving what its "
+                                                 "tensors cannot tell (e.g. configs/mip_vitb16_sysu_release.yaml)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET} or newer (default {DEFAULT_OPSET}: the dynamo exporter's own; "
                         f"{MIN_OPSET} uses the TorchScript exporter)")
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_destination(args.out, args.opset)  # before anything is read or printed
     print(f"exporting {args.model} to {args.out} (opset {args.opset})", flush=True)
-    r = export_onnx(args.model, args.out, opset=args.opset, check=args.check, flip=args.flip)
+    r = export_onnx(args.model, args.out, opset=args.opset, check=args.check, flip=args.flip,
+                    release_config=args.config)
     print(f"model: {r.layout} layout, sha256 {r.model_sha256[:16]}... (recorded in the ONNX metadata)")
     print("graph inputs:")
     for i in r.inputs:

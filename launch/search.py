@@ -50,6 +50,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                      help="query image files or folders (searched for .jpg/.jpeg/.png/.bmp); needs --model and "
                           "--modality")
     p.add_argument("--model", default=None, help="model file that made the gallery features (with --query-images)")
+    p.add_argument("--config", default=None, help="with --model the authors' checkpoint: the config file that made "
+                                                 "the gallery features (what its tensors cannot tell)")
     p.add_argument("--modality", default=None, choices=MODALITIES, help="modality of the --query-images")
     p.add_argument("--camera", type=int, default=None, help="camera of the --query-images (optional)")
     p.add_argument("--topk", type=int, default=10, help="gallery matches per query (default 10)")
@@ -81,7 +83,7 @@ def image_paths(paths: Sequence[str]) -> list[str]:
 
 
 def extract_queries(paths: Sequence[str], model: Optional[str], modality: Optional[str],
-                    camera: Optional[int]) -> FeatureFile:
+                    camera: Optional[int], config: Optional[str] = None) -> FeatureFile:
     """Query features of image files, from the model (imported only here: it loads torch models)."""
     if model is None:
         raise SearchError("--query-images needs --model (the model file that made the gallery features)")
@@ -89,17 +91,9 @@ def extract_queries(paths: Sequence[str], model: Optional[str], modality: Option
         raise SearchError(f"--query-images needs --modality ({' or '.join(MODALITIES)}): the model's prompts "
                           "depend on it and cross-modality search ranks the other one")
     files = image_paths(paths)
-    try:
-        from mip_dist.inference import FeatureExtractor
-    except ImportError:
-        try:
-            from mip_dist.inference.extractor import FeatureExtractor
-        except ModuleNotFoundError as exc:
-            if exc.name != "mip_dist.inference.extractor":
-                raise
-            raise SearchError("--query-images needs mip_dist.inference.FeatureExtractor, which this installation "
-                              "lacks; extract query features with launch/extract.py and pass --query") from exc
-    extractor = FeatureExtractor(model)
+    from mip_dist.inference import FeatureExtractor
+
+    extractor = FeatureExtractor(model, config=config)
     try:
         feats = extractor(files, modality=modality, camera=camera)
     except ValueError as exc:  # the extractor's user errors (an unreadable image, a camera the model lacks)
@@ -247,7 +241,7 @@ def run(args: argparse.Namespace) -> None:
         query = load_features(args.query)
         query_name, query_src = describe(query, ""), str(args.query)
     else:
-        query = extract_queries(args.query_images, args.model, args.modality, args.camera)
+        query = extract_queries(args.query_images, args.model, args.modality, args.camera, args.config)
         query_name = f"the query images' features (model {args.model})"
         query_src = f"{len(query.items)} query images"
     result = search_features(query, gallery, args.topk, cross_modality=not args.all_modalities,

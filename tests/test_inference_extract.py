@@ -16,6 +16,7 @@ from mip_dist.data.shards import write_shards
 from mip_dist.data.stream import build_test_loader
 from mip_dist.engine.evaluator import extract_features
 from mip_dist.engine.file_hash import write_sidecar
+from mip_dist.engine.safe_load import CheckpointError
 from mip_dist.inference import FeatureExtractor
 from mip_dist.inference.feature_file import load_features
 from mip_dist.model import build_model
@@ -165,6 +166,29 @@ def test_release_checkpoint_is_read_with_its_layout(world, tmp_path):
     want = model.extract(torch.stack([fx.preprocess(i) for i in images]), torch.tensor([0, 1]), torch.tensor([0, 2]))
     assert (fx(images, [0, 1], [1, 3]) - want).abs().max() <= 1e-6
 
+
+
+def test_release_checkpoint_with_its_config_file(world, tmp_path):
+    """The authors' file of a model at 128x64 with 4 heads (what its tensors cannot tell): read with the config
+    file that says so, features equal the model's; without it the defaults (256x128) do not fit, and the error
+    says which file gives them."""
+    from test_release import release_model, to_their_naming
+
+    from mip_dist.config import save_config
+
+    cfg, model = release_model(["eval.flip=false"])
+    path, config = tmp_path / "theirs.pth", tmp_path / "theirs.yaml"
+    torch.save(to_their_naming(model), path)
+    save_config(cfg, config)
+    fx = FeatureExtractor(path, device="cpu", config=config)
+    assert fx.img_size == (128, 64) and fx.model_info["config_sha256"] and not fx.flip
+    images = torch.randint(0, 256, (2, 3, 128, 64), dtype=torch.uint8)
+    want = model.extract(torch.stack([fx.preprocess(i) for i in images]), torch.tensor([0, 1]), torch.tensor([0, 2]))
+    assert (fx(images, [0, 1], [1, 3]) - want).abs().max() <= 1e-6
+    with pytest.raises(CheckpointError, match=r"50 patch positions.*a config file \(--config\) gives"):
+        FeatureExtractor(path, device="cpu")
+    with pytest.raises(CheckpointError, match="exported model and carries its own config"):
+        FeatureExtractor(world["path"], device="cpu", config=config)
 
 def _argv(world, out: Path, *extra: str) -> list[str]:
     return ["--model", str(world["path"]), "--out", str(out), "--device", "cpu", *extra]

@@ -30,8 +30,9 @@ from PIL import Image
 
 from mip_dist.data.records import INFRARED, VISIBLE
 from mip_dist.data.transforms import decode_rgb, eval_transform, one_thread
-from mip_dist.engine.file_hash import check_sidecar
-from mip_dist.engine.safe_load import CheckpointError
+from mip_dist.engine.file_hash import sha256_file
+
+from .model_file import read_model_file
 
 log = logging.getLogger(__name__)
 
@@ -130,41 +131,6 @@ def resolve_precision(precision: Optional[str], device: torch.device) -> str:
     return precision
 
 
-def load_model_file(path: Path) -> tuple[dict, str]:
-    """(exported blob, sha256) of our exported model file or the MIP authors' checkpoint; errors name the file."""
-    from mip_dist.engine.export import load_exported
-    from mip_dist.model.release import ReleaseCheckpointError, is_release_checkpoint, release_blob
-
-    if path.is_dir():
-        raise CheckpointError(f"--model {path} is a folder; pass the exported model file (model_best.pt)")
-    if not path.is_file():
-        raise CheckpointError(f"model file not found: {path}")
-    sha256 = check_sidecar(path)  # a damaged file is named before it is unpickled
-    try:
-        blob = release_blob(path) if is_release_checkpoint(path) else load_exported(path)
-    except ReleaseCheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
-    return blob, sha256
-
-
-def build_from_blob(blob: dict, path: Path) -> tuple[torch.nn.Module, Any]:
-    """(model in eval mode with the file's weights, its Config), built as launch/evaluate.py builds it."""
-    from mip_dist.config import ConfigError, from_dict
-    from mip_dist.model import build_model
-
-    try:
-        cfg = from_dict(blob["config"])
-    except ConfigError as exc:
-        raise CheckpointError(f"{path}: its saved config is not valid here: {exc}") from exc
-    model = build_model(cfg.model, cfg.attention, int(blob["num_classes"]), int(blob["num_cameras"]))
-    try:
-        model.load_state_dict(blob["model"], strict=True)
-    except RuntimeError as exc:
-        first = " ".join(line.strip() for line in str(exc).splitlines()[:4])
-        raise CheckpointError(f"{path}: its weights do not fit the model of its saved config: {first}") from exc
-    return model.eval(), cfg
-
-
 def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass when bf16 is asked for (the evaluator's rule)."""
     if dtype == torch.float32:
@@ -179,19 +145,21 @@ class FeatureExtractor:
     `<file>.sha256` sidecar, where present, is checked. device: None = the GPU when visible, else the CPU.
     precision: "fp32" / "bf16"; None = bf16 on a GPU, fp32 on the CPU. flip: average with the flipped image;
     None = the model's saved eval.flip, as evaluation uses it. camera_offset: where the images' dataset starts
-    in the camera table of a model trained on several datasets (`datasets` in the exported file).
+    in the camera table of a model trained on several datasets (`datasets` in the exported file). config: for the
+    authors' checkpoint only, a config file giving what its tensors cannot tell (image size, heads, eval.flip; see
+    `mip_dist.inference.model_file`).
     """
 
     def __init__(self, checkpoint: str | Path, device: Optional[str | torch.device] = None, batch_size: int = 64,
-                 precision: Optional[str] = None, flip: Optional[bool] = None, camera_offset: int = 0) -> None:
+                 precision: Optional[str] = None, flip: Optional[bool] = None, camera_offset: int = 0,
+                 config: Optional[str | Path] = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size} must be >= 1")
         self.path = Path(checkpoint)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.dtype = PRECISIONS[self.precision]
-        blob, sha256 = load_model_file(self.path)
-        model, cfg = build_from_blob(blob, self.path)
+        model, cfg, sha256, blob = read_model_file(self.path, release_config=config)
         self.model = model.to(self.device)
         self.config = cfg
         self.batch_size = int(batch_size)
@@ -201,6 +169,8 @@ class FeatureExtractor:
         self.img_size = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))
         self.dim = int(model.embed_dim * (1 + model.num_parts))
         self.model_info = {"path": str(self.path.resolve()), "sha256": sha256, "layout": cfg.model.layout}
+        if config is not None:  # the authors' file: its features also depend on the config given with it
+            self.model_info.update(config=str(config), config_sha256=sha256_file(config))
         self.resized = 0  # images so far whose size was not img_size (resized; warned once)
         self._transform = eval_transform(self.img_size)
         log.info("feature extractor: %s (%s layout, sha256 %s...), %d-dim features, %dx%d input, flip=%s, %s on %s",

@@ -35,7 +35,6 @@ exporter, opset, check. `read_metadata(path)` returns them decoded.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -119,37 +118,19 @@ class ExportResult:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load_for_export(model_path: str | Path) -> tuple[nn.Module, Config, str, dict]:
+def load_for_export(model_path: str | Path, release_config: Optional[str | Path] = None
+                    ) -> tuple[nn.Module, Config, str, dict]:
     """(model in eval mode on CPU with PyTorch attention, its config, the file's sha256, the loaded blob) from an
-    exported model file or the authors' checkpoint; the sha256 sidecar is checked where present."""
-    from mip_dist.engine.export import load_exported
-    from mip_dist.engine.file_hash import check_sidecar
-    from mip_dist.engine.safe_load import CheckpointError
-    from mip_dist.model import build_model
-    from mip_dist.model.release import ReleaseCheckpointError, is_release_checkpoint, release_blob
+    exported model file or the authors' checkpoint (`mip_dist.inference.model_file`)."""
+    from .model_file import build_from_blob, read_model_blob
 
-    path = Path(model_path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; expected an exported model file (model_best.pt / model_final.pt)")
-    if not path.is_file():
-        raise CheckpointError(f"model file not found: {path}")
-    digest = check_sidecar(path)  # DamagedCheckpointError (a CheckpointError) when the bytes changed
-    try:
-        blob = release_blob(path) if is_release_checkpoint(path) else load_exported(path)
-    except ReleaseCheckpointError as exc:
-        raise OnnxExportError(str(exc)) from exc
+    blob, digest = read_model_blob(model_path, release_config)
     cfg = from_dict(blob["config"])  # ConfigError names the key
     impl = "concat" if cfg.model.attn_drop_rate > 0 else "torch"  # the fused kernel is a training op (see
     # eval_attention_impl); with attention dropout configured only "concat" is accepted
-    attention = dataclasses.replace(cfg.attention, impl=impl)
-    model = build_model(cfg.model, attention, int(blob["num_classes"]), int(blob["num_cameras"]))
-    try:
-        model.load_state_dict(blob["model"], strict=True)
-    except RuntimeError as exc:
-        first = " ".join(line.strip() for line in str(exc).splitlines()[:4])
-        raise OnnxExportError(f"{path}: its weights do not fit the model of its saved config: {first}") from exc
+    model, cfg = build_from_blob(blob, model_path, attention_impl=impl)
     model.attention_impl = impl
-    return model.eval(), cfg, digest, blob
+    return model, cfg, digest, blob
 
 
 # ------------------------------------------------------------------------------------------------ the graph
@@ -467,15 +448,16 @@ def export_module(model: nn.Module, out_path: str | Path, *, flip: bool = False,
 
 
 def export_onnx(model_path: str | Path, out_path: str | Path, opset: int = DEFAULT_OPSET, check: bool = True,
-                flip: Optional[bool] = None) -> ExportResult:
+                flip: Optional[bool] = None, release_config: Optional[str | Path] = None) -> ExportResult:
     """Export an exported model file (or the authors' checkpoint) to ONNX at `out_path` plus `<out>.sha256`.
 
-    flip: average with the flipped image in the graph; None = the model config's eval.flip. Refuses an
-    existing `out_path` before loading anything; a failed export or check leaves no file behind."""
+    flip: average with the flipped image in the graph; None = the model config's eval.flip. release_config: for the
+    authors' checkpoint, the config file giving what its tensors cannot tell. Refuses an existing `out_path`
+    before loading anything; a failed export or check leaves no file behind."""
     from mip_dist.engine.file_hash import write_sidecar
 
     out = check_destination(out_path, opset)
-    model, cfg, digest, blob = load_for_export(model_path)
+    model, cfg, digest, blob = load_for_export(model_path, release_config)
     use_flip = bool(cfg.eval.flip) if flip is None else bool(flip)
     extra = {}
     if blob.get("datasets"):

@@ -285,6 +285,11 @@ def check_compatible(query: FeatureFile, gallery: FeatureFile, query_name: Optio
     if not (qsha and gsha):
         log.warning("%s records no model sha256: cannot check that query and gallery come from the same model",
                     qname if not qsha else gname)
+    qcfg, gcfg = query.model.get("config_sha256"), gallery.model.get("config_sha256")
+    if qsha and qsha == gsha and qcfg != gcfg:
+        raise SearchError(f"{qname} and {gname} come from one model file read with different config files "
+                          f"({query.model.get('config') or 'none'} vs {gallery.model.get('config') or 'none'}): "
+                          "their features cannot be compared")
     if query.dim != gallery.dim:
         raise SearchError(f"{qname} has dimension {query.dim}, {gname} has {gallery.dim}: "
                           "features of different sizes cannot be compared")
