@@ -197,16 +197,14 @@ class Job(NamedTuple):
 def trained_dataset(blob: dict, name: Optional[str], ckpt_path: str) -> tuple[Optional[str], int, Optional[str]]:
     """(shard folder, camera offset, protocol) of dataset `name` in a model trained on several datasets;
     (None, 0, None) for a model trained on one. Names the choices when `name` is missing or unknown."""
-    datasets = blob.get("datasets") or []
-    if len(datasets) <= 1:
-        if name is not None:
-            raise EvalError(f"--dataset {name}: {ckpt_path} was trained on one dataset; drop --dataset")
+    from mip_dist.engine.export import DatasetChoiceError, trained_dataset_entry
+
+    try:
+        chosen = trained_dataset_entry(blob, name, ckpt_path)
+    except DatasetChoiceError as exc:
+        raise EvalError(str(exc)) from exc
+    if chosen is None:
         return None, 0, None
-    names = [d["name"] for d in datasets]
-    if name not in names:
-        raise EvalError(f"{ckpt_path} was trained on {len(names)} datasets ({', '.join(names)}): pass --dataset "
-                        "NAME to pick the test set" + (f"; {name!r} is not one of them" if name else ""))
-    chosen = datasets[names.index(name)]
     return chosen["path"], int(chosen["camera_offset"]), chosen["protocol"]
 
 

@@ -80,6 +80,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                                  "authors' checkpoint")
     p.add_argument("--config", default=None, help="with the authors' checkpoint: a config file giving what its "
                                                  "tensors cannot tell (e.g. configs/mip_vitb16_sysu_release.yaml)")
+    p.add_argument("--dataset", default=None, help="a model trained on several datasets: the one the images come "
+                                                  "from (its cameras' place in the model's camera table)")
     p.add_argument("--out", default=None, help="feature file to write (FEATS.safetensors; FEATS.json beside it)")
     p.add_argument("--modality", default=None, help="visible | infrared: the modality of images that carry none")
     p.add_argument("--camera", type=int, default=None, help="the dataset's 1-based camera number of images that "
@@ -260,7 +262,8 @@ def up_to_date(out: Path, settings: dict[str, Any]) -> Optional[int]:
         existing = load_features(out)
     except FeatureFileError:
         return None
-    meta = {**existing.meta, "model_sha256": existing.model_sha256, "config_sha256": existing.model.get("config_sha256")}
+    meta = {**existing.meta, "model_sha256": existing.model_sha256, "config_sha256": existing.model.get("config_sha256"),
+            "camera_offset": existing.model.get("camera_offset")}
     if any(meta.get(k) != v for k, v in settings.items()):
         return None
     return int(existing.features.shape[0])
@@ -393,10 +396,12 @@ def run(args: argparse.Namespace) -> Path:
     inputs = fill_defaults(collect_inputs(args.inputs), args.modality, args.camera)
     digest = inputs_digest(inputs)
     fx = FeatureExtractor(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision,
-                          flip=args.flip, config=args.config)
+                          flip=args.flip, config=args.config,
+                          dataset=args.dataset)
     fx.camera_indices([e.camera for e in inputs.files], len(inputs.files))  # cameras fit the model's table
     settings = {"model_sha256": fx.model_info["sha256"], "flip": fx.flip, "precision": fx.precision,
-                "inputs_sha256": digest, "config_sha256": fx.model_info.get("config_sha256")}
+                "inputs_sha256": digest, "config_sha256": fx.model_info.get("config_sha256"),
+                "camera_offset": fx.model_info.get("camera_offset")}
     count = None if args.force else up_to_date(out, settings)
     if count is not None:
         print(f"up to date: {out} ({count} features from the same inputs, model and settings; --force recomputes)")

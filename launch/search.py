@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from mip_dist.cli import debug_requested, library_lines, report_error
+from mip_dist.engine.export import DatasetChoiceError
 from mip_dist.engine.safe_load import CheckpointError
 from mip_dist.inference.feature_file import MODALITIES, FeatureFile, FeatureFileError, load_features
 from mip_dist.inference.search import (BACKENDS, SearchError, SearchResult, describe, search_features)
@@ -52,6 +53,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model file that made the gallery features (with --query-images)")
     p.add_argument("--config", default=None, help="with --model the authors' checkpoint: the config file that made "
                                                  "the gallery features (what its tensors cannot tell)")
+    p.add_argument("--dataset", default=None, help="with --model trained on several datasets: the one the "
+                                                  "--query-images come from (its cameras)")
     p.add_argument("--modality", default=None, choices=MODALITIES, help="modality of the --query-images")
     p.add_argument("--camera", type=int, default=None, help="camera of the --query-images (optional)")
     p.add_argument("--topk", type=int, default=10, help="gallery matches per query (default 10)")
@@ -83,7 +86,7 @@ def image_paths(paths: Sequence[str]) -> list[str]:
 
 
 def extract_queries(paths: Sequence[str], model: Optional[str], modality: Optional[str],
-                    camera: Optional[int], config: Optional[str] = None) -> FeatureFile:
+                    camera: Optional[int], config: Optional[str] = None, dataset: Optional[str] = None) -> FeatureFile:
     """Query features of image files, from the model (imported only here: it loads torch models)."""
     if model is None:
         raise SearchError("--query-images needs --model (the model file that made the gallery features)")
@@ -93,7 +96,7 @@ def extract_queries(paths: Sequence[str], model: Optional[str], modality: Option
     files = image_paths(paths)
     from mip_dist.inference import FeatureExtractor
 
-    extractor = FeatureExtractor(model, config=config)
+    extractor = FeatureExtractor(model, config=config, dataset=dataset)
     try:
         feats = extractor(files, modality=modality, camera=camera)
     except ValueError as exc:  # the extractor's user errors (an unreadable image, a camera the model lacks)
@@ -241,7 +244,8 @@ def run(args: argparse.Namespace) -> None:
         query = load_features(args.query)
         query_name, query_src = describe(query, ""), str(args.query)
     else:
-        query = extract_queries(args.query_images, args.model, args.modality, args.camera, args.config)
+        query = extract_queries(args.query_images, args.model, args.modality, args.camera, args.config,
+                                args.dataset)
         query_name = f"the query images' features (model {args.model})"
         query_src = f"{len(query.items)} query images"
     result = search_features(query, gallery, args.topk, cross_modality=not args.all_modalities,
@@ -279,7 +283,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         with library_lines():
             run(args)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
-        return report_error(exc, debug_requested(args.debug), known=(SearchError, FeatureFileError, CheckpointError))
+        return report_error(exc, debug_requested(args.debug), known=(SearchError, FeatureFileError, CheckpointError,
+                                                                      DatasetChoiceError))
     return 0
 
 

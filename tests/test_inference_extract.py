@@ -190,6 +190,30 @@ def test_release_checkpoint_with_its_config_file(world, tmp_path):
     with pytest.raises(CheckpointError, match="exported model and carries its own config"):
         FeatureExtractor(world["path"], device="cpu", config=config)
 
+
+def test_a_model_of_two_datasets_takes_the_cameras_of_the_named_one(world, tmp_path, capsys):
+    """Trained on datasets a (cameras 1-6) and b (7-12 in its table): dataset b's camera 1 is row 6, as evaluation
+    reads it; without a name the choice is refused, naming both (before, camera 1 silently meant a's)."""
+    from mip_dist.engine.export import DatasetChoiceError, export_model
+
+    cfg, n = world["cfg"], world["index"]["num_classes"]
+    torch.manual_seed(2)
+    model = build_model(cfg.model, cfg.attention, n, 12).eval()
+    datasets = [{"name": name, "path": str(world["shards"]), "protocol": "sysu", "label_offset": 0,
+                 "camera_offset": offset} for name, offset in (("a", 0), ("b", 6))]
+    path = export_model(tmp_path / "two.pt", model.state_dict(), cfg, n, 12, datasets=datasets)
+    with pytest.raises(DatasetChoiceError, match=r"trained on 2 datasets \(a, b\): pass --dataset NAME"):
+        FeatureExtractor(path, device="cpu")
+    with pytest.raises(DatasetChoiceError, match="trained on one dataset; drop --dataset"):
+        FeatureExtractor(world["path"], device="cpu", dataset="a")
+    fx = FeatureExtractor(path, device="cpu", dataset="b", flip=False)
+    images = torch.randint(0, 256, (2, 3, *SIZE), dtype=torch.uint8)
+    want = model.extract(torch.stack([fx.preprocess(i) for i in images]), torch.tensor([0, 1]), torch.tensor([6, 8]))
+    assert (fx(images, [0, 1], [1, 3]) - want).abs().max() <= 1e-6
+    assert cli.main(["--model", str(path), "--out", str(tmp_path / "f.safetensors"), "--device", "cpu",
+                     "--modality", "visible", str(world["photos"])]) == 2
+    _one_error_line(capsys, "trained on 2 datasets (a, b)")
+
 def _argv(world, out: Path, *extra: str) -> list[str]:
     return ["--model", str(world["path"]), "--out", str(out), "--device", "cpu", *extra]
 

@@ -106,6 +106,26 @@ def export_model(path: Path, state_dict: dict, cfg: Config, num_classes: int, nu
     return path
 
 
+
+class DatasetChoiceError(ValueError):
+    """--dataset missing, unknown, or given for a model trained on one dataset; names the choices."""
+
+
+def trained_dataset_entry(blob: dict[str, Any], name: Optional[str], what: str) -> Optional[dict[str, Any]]:
+    """The `datasets` entry (name, path, protocol, label/camera offsets) named `name` of a model trained on several
+    datasets; None for a model trained on one. `what` names the model file in errors."""
+    datasets = blob.get("datasets") or []
+    if len(datasets) <= 1:
+        if name is not None:
+            raise DatasetChoiceError(f"--dataset {name}: {what} was trained on one dataset; drop --dataset")
+        return None
+    names = [d["name"] for d in datasets]
+    if name not in names:
+        raise DatasetChoiceError(f"{what} was trained on {len(names)} datasets ({', '.join(names)}): pass --dataset "
+                                 "NAME to pick the one whose cameras and test set apply"
+                                 + (f"; {name!r} is not one of them" if name else ""))
+    return datasets[names.index(name)]
+
 def _exported_beside(file: Path) -> str:
     """What to pass instead of a DeepSpeed tag file: the run's exported models that exist, else their names."""
     run = file.parent.parent.parent if file.parent.parent.name == "checkpoints" else file.parent

@@ -30,6 +30,7 @@ from PIL import Image
 
 from mip_dist.data.records import INFRARED, VISIBLE
 from mip_dist.data.transforms import decode_rgb, eval_transform, one_thread
+from mip_dist.engine.export import trained_dataset_entry
 from mip_dist.engine.file_hash import sha256_file
 
 from .model_file import read_model_file
@@ -144,14 +145,15 @@ class FeatureExtractor:
     checkpoint: an exported model (model_best.pt / model_final.pt) or the MIP authors' checkpoint; its
     `<file>.sha256` sidecar, where present, is checked. device: None = the GPU when visible, else the CPU.
     precision: "fp32" / "bf16"; None = bf16 on a GPU, fp32 on the CPU. flip: average with the flipped image;
-    None = the model's saved eval.flip, as evaluation uses it. camera_offset: where the images' dataset starts
-    in the camera table of a model trained on several datasets (`datasets` in the exported file). config: for the
+    None = the model's saved eval.flip, as evaluation uses it. dataset: for a model trained on several datasets
+    (`datasets` in the exported file), the name of the one the images come from: its cameras' place in the
+    model's camera table (required there, refused otherwise, as in launch/evaluate.py). config: for the
     authors' checkpoint only, a config file giving what its tensors cannot tell (image size, heads, eval.flip; see
     `mip_dist.inference.model_file`).
     """
 
     def __init__(self, checkpoint: str | Path, device: Optional[str | torch.device] = None, batch_size: int = 64,
-                 precision: Optional[str] = None, flip: Optional[bool] = None, camera_offset: int = 0,
+                 precision: Optional[str] = None, flip: Optional[bool] = None, dataset: Optional[str] = None,
                  config: Optional[str | Path] = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size} must be >= 1")
@@ -164,11 +166,15 @@ class FeatureExtractor:
         self.config = cfg
         self.batch_size = int(batch_size)
         self.flip = bool(cfg.eval.flip if flip is None else flip)
-        self.camera_offset = int(camera_offset)
+        entry = trained_dataset_entry(blob, dataset, str(self.path))  # DatasetChoiceError names the choices
+        self.dataset = dataset
+        self.camera_offset = int(entry["camera_offset"]) if entry else 0
         self.num_cameras = int(blob["num_cameras"])
         self.img_size = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))
         self.dim = int(model.embed_dim * (1 + model.num_parts))
         self.model_info = {"path": str(self.path.resolve()), "sha256": sha256, "layout": cfg.model.layout}
+        if entry:
+            self.model_info.update(dataset=dataset, camera_offset=self.camera_offset)
         if config is not None:  # the authors' file: its features also depend on the config given with it
             self.model_info.update(config=str(config), config_sha256=sha256_file(config))
         self.resized = 0  # images so far whose size was not img_size (resized; warned once)
