@@ -8,8 +8,8 @@
 Feature files come from launch/extract.py (`mip_dist.inference.feature_file`). By default a query ranks only
 the gallery images of the other modality (visible <-> infrared, the VI-ReID setting); --all-modalities ranks
 every gallery image. The score is the cosine similarity (higher = closer); with --rerank it is minus the
-k-reciprocal re-ranked distance (the evaluator's k1=20, k2=6, lambda=0.3; refused above 12,000 queries +
-gallery images of one modality, see `mip_dist.inference.search`).
+k-reciprocal re-ranked distance (the evaluator's k1=20, k2=6, lambda=0.3; refused above --rerank-limit, 12,000
+queries + gallery images of one modality by default, see `mip_dist.inference.search`).
 
 Writes into --out (default ./search_results): results.json and results.csv (every query, every rank) and
 ranklist_<n>.png for the first --figures queries (query, then its top-k with modality, camera and score;
@@ -32,7 +32,8 @@ from mip_dist.cli import debug_requested, library_lines, report_error
 from mip_dist.engine.export import DatasetChoiceError
 from mip_dist.engine.safe_load import CheckpointError
 from mip_dist.inference.feature_file import MODALITIES, FeatureFile, FeatureFileError, load_features
-from mip_dist.inference.search import (BACKENDS, SearchError, SearchResult, describe, search_features)
+from mip_dist.inference.search import (BACKENDS, RERANK_MAX_ITEMS, SearchError, SearchResult, describe,
+                                      search_features)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 TILE = (128, 64)  # rank-list tile height, width (the models' input shape)
@@ -59,6 +60,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--camera", type=int, default=None, help="camera of the --query-images (optional)")
     p.add_argument("--topk", type=int, default=10, help="gallery matches per query (default 10)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (small galleries only)")
+    p.add_argument("--rerank-limit", type=int, default=RERANK_MAX_ITEMS, metavar="N",
+                   help=f"re-rank only up to N queries + gallery images of one modality (default {RERANK_MAX_ITEMS:,}; "
+                        "memory grows with N squared: about 57 bytes x N x N)")
     p.add_argument("--all-modalities", action="store_true",
                    help="rank every gallery image, not only those of the other modality")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="faiss, torch, or auto (faiss if installed)")
@@ -249,7 +253,8 @@ def run(args: argparse.Namespace) -> None:
         query_name = f"the query images' features (model {args.model})"
         query_src = f"{len(query.items)} query images"
     result = search_features(query, gallery, args.topk, cross_modality=not args.all_modalities,
-                             rerank=args.rerank, backend=args.backend, query_name=query_name)
+                             rerank=args.rerank, backend=args.backend, query_name=query_name,
+                             max_rerank_items=args.rerank_limit)
     rows = result_rows(query, gallery, result)
     out = Path(args.out)
     header = {"gallery": str(args.gallery), "query": query_src, "model": gallery.model, "topk": args.topk,

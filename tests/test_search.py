@@ -160,12 +160,16 @@ def bad_query(tmp_path: Path, case: str) -> tuple[list[str], str]:
         g1 = write(tmp_path / "g1.safetensors", unit_rows(5, 16, 0), ["visible"] * 5)
         q = write(tmp_path / "q.safetensors", unit_rows(4, 16, 1), alternating(4))
         return ["--gallery", str(g1), "--query", str(q)], "holds no infrared rows"
+    if case == "rerank_limit":  # 2 visible queries + 10 infrared gallery rows = 12 > 11
+        q = write(tmp_path / "q.safetensors", unit_rows(4, 16, 1), alternating(4))
+        return ["--gallery", str(g), "--query", str(q), "--rerank", "--rerank-limit", "11"], "above the limit of 11"
     if case == "images_without_modality":
         return ["--gallery", str(g), "--query-images", str(g), "--model", "m.pt"], "needs --modality"
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["model", "dim", "modality", "one_modality_gallery", "images_without_modality"])
+@pytest.mark.parametrize("case", ["model", "dim", "modality", "one_modality_gallery", "rerank_limit",
+                                  "images_without_modality"])
 def test_bad_inputs_one_error_line(tmp_path, capsys, monkeypatch, cli, case):
     monkeypatch.delenv("MIP_DEBUG", raising=False)
     argv, expected = bad_query(tmp_path, case)
