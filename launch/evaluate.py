@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from mip_dist.cli import debug_requested, library_lines, report_error
+from mip_dist.cli import debug_requested, run_command
 from mip_dist.config import Config, ConfigError, from_dict, load_config, to_dict
 from mip_dist.data.shards import ShardError
 from mip_dist.engine.export import load_exported
@@ -416,18 +416,15 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: 0 on success, 2 with a one-line message for any error (traceback with --debug)."""
     args = parse_args(argv)
+    known = (EvalError, CheckpointError, ConfigError, ProtocolError, ShardError)
     try:
-        with library_lines(int(os.environ.get("RANK", "0")) == 0):
-            run(args)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
-        known = (EvalError, CheckpointError, ConfigError, ProtocolError, ShardError)
-        return report_error(exc, debug_requested(args.debug), known=known)
+        return run_command(lambda: run(args), debug_requested(args.debug), known,
+                           lines=int(os.environ.get("RANK", "0")) == 0)
     finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

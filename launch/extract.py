@@ -36,7 +36,7 @@ from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 
-from mip_dist.cli import debug_requested, library_lines, report_error
+from mip_dist.cli import debug_requested, run_command
 from mip_dist.config import ConfigError
 from mip_dist.data.shard_index import ShardError
 from mip_dist.data.transforms import IMAGE_EXTS
@@ -441,13 +441,8 @@ def _all_samples(inputs: Inputs) -> Iterator[tuple[dict, Optional[torch.Tensor],
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: 0 on success, 2 with a one-line message for any error (traceback with --debug)."""
     args = parse_args(argv)
-    try:
-        with library_lines():
-            run(args)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
-        known = (ExtractError, CheckpointError, ConfigError, ShardError, FeatureFileError, ValueError)
-        return report_error(exc, debug_requested(args.debug), known=known)
-    return 0
+    known = (ExtractError, CheckpointError, ConfigError, ShardError, FeatureFileError, ValueError)
+    return run_command(lambda: run(args), debug_requested(args.debug), known)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from mip_dist.cli import debug_requested, library_lines, report_error
+from mip_dist.cli import debug_requested, run_command
 from mip_dist.engine.export import DatasetChoiceError
 from mip_dist.engine.safe_load import CheckpointError
 from mip_dist.inference.feature_file import MODALITIES, FeatureFile, FeatureFileError, load_features
@@ -284,13 +284,8 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: 0 on success, 2 with a one-line message for any error (traceback with --debug)."""
     args = parse_args(argv)
-    try:
-        with library_lines():
-            run(args)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
-        return report_error(exc, debug_requested(args.debug), known=(SearchError, FeatureFileError, CheckpointError,
-                                                                      DatasetChoiceError))
-    return 0
+    known = (SearchError, FeatureFileError, CheckpointError, DatasetChoiceError)
+    return run_command(lambda: run(args), debug_requested(args.debug), known)
 
 
 if __name__ == "__main__":

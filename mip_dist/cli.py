@@ -7,7 +7,7 @@ import os
 import re
 import sys
 import traceback
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 EXIT_USAGE = 2
 
@@ -93,3 +93,14 @@ def library_lines(enabled: bool = True) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def run_command(work: Callable[[], object], debug: bool, known: tuple[type, ...] = (), lines: bool = True) -> int:
+    """An entry point's work with the library's lines on stderr (`lines`: e.g. rank 0 only): exit code 0, or 2
+    after one `error:` line (`report_error`) for any failure."""
+    try:
+        with library_lines(lines):
+            work()
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
+        return report_error(exc, debug, known=known)
+    return 0

@@ -214,6 +214,24 @@ def test_a_model_of_two_datasets_takes_the_cameras_of_the_named_one(world, tmp_p
                      "--modality", "visible", str(world["photos"])]) == 2
     _one_error_line(capsys, "trained on 2 datasets (a, b)")
 
+
+def test_a_changed_model_file_is_refused_and_an_intact_one_gives_its_sidecar_hash(world, tmp_path):
+    """The sidecar is checked by the loader before unpickling (the file hashed once); one flipped byte inside a
+    tensor (zip intact) is named, and an intact file's recorded hash is the one the features carry."""
+    import shutil
+
+    from conftest import flip_inside_largest_tensor
+
+    from mip_dist.engine.file_hash import read_sidecar, sha256_file, sidecar_path
+
+    assert world["fx"].model_info["sha256"] == read_sidecar(world["path"]) == sha256_file(world["path"])
+    bad = tmp_path / "model.pt"
+    shutil.copy(world["path"], bad)
+    shutil.copy(sidecar_path(world["path"]), sidecar_path(bad))
+    flip_inside_largest_tensor(bad)
+    with pytest.raises(CheckpointError, match="bytes hash to sha256"):
+        FeatureExtractor(bad, device="cpu")
+
 def _argv(world, out: Path, *extra: str) -> list[str]:
     return ["--model", str(world["path"]), "--out", str(out), "--device", "cpu", *extra]
 

@@ -106,7 +106,6 @@ def export_model(path: Path, state_dict: dict, cfg: Config, num_classes: int, nu
     return path
 
 
-
 class DatasetChoiceError(ValueError):
     """--dataset missing, unknown, or given for a model trained on one dataset; names the choices."""
 
@@ -125,6 +124,7 @@ def trained_dataset_entry(blob: dict[str, Any], name: Optional[str], what: str) 
                                  "NAME to pick the one whose cameras and test set apply"
                                  + (f"; {name!r} is not one of them" if name else ""))
     return datasets[names.index(name)]
+
 
 def _exported_beside(file: Path) -> str:
     """What to pass instead of a DeepSpeed tag file: the run's exported models that exist, else their names."""

@@ -167,7 +167,6 @@ class FeatureExtractor:
         self.batch_size = int(batch_size)
         self.flip = bool(cfg.eval.flip if flip is None else flip)
         entry = trained_dataset_entry(blob, dataset, str(self.path))  # DatasetChoiceError names the choices
-        self.dataset = dataset
         self.camera_offset = int(entry["camera_offset"]) if entry else 0
         self.num_cameras = int(blob["num_cameras"])
         self.img_size = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))

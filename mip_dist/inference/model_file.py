@@ -2,7 +2,8 @@
 
 One reader for the feature extractor, the ONNX exporter and search's query images, so that all three accept the
 same files and name the same errors:
-- the file's `<file>.sha256` sidecar, where present, is checked before it is unpickled (a damaged file is named);
+- the file's `<file>.sha256` sidecar, where present, is checked before it is unpickled (a damaged file is named),
+  by the loader itself, so the file is hashed once;
 - the authors' checkpoint is read through the release layout (`mip_dist.model.release`). Its tensors fix most model
   keys; `release_config` (a config file, e.g. configs/mip_vitb16_sysu_release.yaml) supplies those they cannot
   tell (image size, stride, heads, SIE coefficient, ...: `NOT_INFERRED`) and the other sections (eval.flip).
@@ -19,7 +20,7 @@ from typing import Any, NamedTuple, Optional
 from torch import nn
 
 from mip_dist.config import Config, ConfigError, from_dict, load_config
-from mip_dist.engine.file_hash import check_sidecar
+from mip_dist.engine.file_hash import read_sidecar, sha256_file
 from mip_dist.engine.safe_load import CheckpointError
 
 
@@ -43,8 +44,7 @@ def read_model_blob(path: str | Path, release_config: Optional[str | Path] = Non
                               "authors' checkpoint)")
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
-    sha256 = check_sidecar(path)  # DamagedCheckpointError (a CheckpointError) when the bytes changed
-    release = is_release_checkpoint(path)
+    release = is_release_checkpoint(path)  # memory-mapped: no full read
     if release_config is not None and not release:
         raise CheckpointError(f"{path} is an exported model and carries its own config; a config file "
                               f"({release_config}) applies only to the MIP authors' checkpoint")
@@ -55,7 +55,8 @@ def read_model_blob(path: str | Path, release_config: Optional[str | Path] = Non
         hint = ("" if release_config else "; a config file (--config) gives the model keys its tensors cannot tell: "
                 "model.img_size, model.stride, model.num_heads, ...")
         raise CheckpointError(f"{path}: {exc}{hint}") from exc
-    return blob, sha256
+    # both loaders checked the `.sha256` sidecar (DamagedCheckpointError) before unpickling: its value is the hash
+    return blob, read_sidecar(path) or sha256_file(path)
 
 
 def build_from_blob(blob: dict[str, Any], path: str | Path, attention_impl: Optional[str] = None

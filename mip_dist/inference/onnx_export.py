@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mip_dist.config import Config, from_dict
+from mip_dist.config import Config
 from mip_dist.data.records import INFRARED, VISIBLE
 from mip_dist.data.transforms import MEAN, STD
 
@@ -125,9 +125,8 @@ def load_for_export(model_path: str | Path, release_config: Optional[str | Path]
     from .model_file import build_from_blob, read_model_blob
 
     blob, digest = read_model_blob(model_path, release_config)
-    cfg = from_dict(blob["config"])  # ConfigError names the key
-    impl = "concat" if cfg.model.attn_drop_rate > 0 else "torch"  # the fused kernel is a training op (see
-    # eval_attention_impl); with attention dropout configured only "concat" is accepted
+    impl = "concat" if blob["config"]["model"].get("attn_drop_rate", 0.0) > 0 else "torch"  # the fused kernel is a
+    # training op (see eval_attention_impl); with attention dropout configured only "concat" is accepted
     model, cfg = build_from_blob(blob, model_path, attention_impl=impl)
     model.attention_impl = impl
     return model, cfg, digest, blob
